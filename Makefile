@@ -1,0 +1,28 @@
+# Every target sets itself up: a fresh Debian/Ubuntu machine needs nothing but python3.11 and make.
+.PHONY: run test lint openapi bench clean venv system
+
+venv:
+	@scripts/ensure-venv
+
+system:
+	@scripts/ensure-system-packages
+
+run: venv system
+	@scripts/run-local
+
+test: venv system
+	@scripts/test
+
+lint: venv
+	.venv/bin/ruff check dae service worker tests bench scripts
+
+openapi: venv
+	.venv/bin/python -m service.openapi > openapi.yaml
+
+bench: venv system
+	.venv/bin/python bench/serve.py
+	.venv/bin/python bench/train.py
+
+clean:
+	rm -rf .venv var .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,394 @@
+"""The contracts of the service: the training spec, job records and model cards.
+
+Importable without TensorFlow: the gateway validates requests with these models and the worker
+receives them as JSON. One name per concept across code, JSON and openapi.yaml.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dae.errors import InvalidSpec
+
+#: Hard ceilings of the library; the gateway may configure lower ones (DAE_MAX_EPOCHS, ...).
+MAX_EPOCHS = 1000
+MAX_BATCH_SIZE = 4096
+MAX_RUNTIME_S = 24 * 3600
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class _Strict(BaseModel):
+    """Base for spec parts: unknown fields are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture
+# ---------------------------------------------------------------------------------------------
+
+
+class ArchitectureSpec(_Strict):
+    """The autoencoder's shape: a dense (MLP) or a fully convolutional encoder/decoder."""
+
+    type: Literal["dense", "conv"] = Field("conv", description="`dense` (fixed input size) or `conv` (any size).")
+    hidden_units: list[Annotated[int, Field(ge=1, le=8192)]] = Field(
+        default_factory=lambda: [256, 128],
+        max_length=8,
+        description="Dense only: widths of the encoder's hidden layers (mirrored in the decoder).",
+    )
+    latent_dim: int = Field(32, ge=1, le=8192, description="Dense only: width of the code layer.")
+    filters: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
+        default_factory=lambda: [32, 64],
+        min_length=1,
+        max_length=6,
+        description="Conv only: filters per encoder level; each level halves H and W (stride 2).",
+    )
+    kernel_size: int = Field(3, ge=1, le=11, description="Conv only: odd kernel side length.")
+    activation: Literal["relu", "elu", "gelu", "selu", "tanh", "swish", "leaky_relu"] = "relu"
+    output_activation: Literal["linear", "sigmoid"] = Field(
+        "linear",
+        description=(
+            "`linear` (default; trains robustly with any loss) or `sigmoid`. Served outputs are clipped "
+            "to [0, 1] either way."
+        ),
+    )
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd_kernel(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"kernel_size must be odd so 'same' padding is symmetric. Expected an odd integer. Received: kernel_size={value}")
+        return value
+
+    @property
+    def downsampling_factor(self) -> int:
+        """How much the conv encoder shrinks H and W (1 for dense)."""
+        return 2 ** len(self.filters) if self.type == "conv" else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------
+
+
+class LossSpec(_Strict):
+    """The reconstruction loss between the denoised output and the clean image."""
+
+    type: Literal["mae", "mse", "huber", "l1_l2", "lp", "binary_crossentropy"] = Field(
+        "mse",
+        description=(
+            "`mae` (L1), `mse` (L2), `huber` (uses `delta`), `l1_l2` (`alpha`·L1 + (1−`alpha`)·L2), "
+            "`lp` (mean |e|^p, smoothed near 0), `binary_crossentropy`."
+        ),
+    )
+    delta: float = Field(1.0, gt=0, le=100, description="Huber: where the loss turns from quadratic to linear.")
+    alpha: float = Field(0.5, ge=0, le=1, description="l1_l2: weight of the L1 term.")
+    p: float = Field(1.5, gt=0, le=2, description="lp: the exponent p in (0, 2].")
+    epsilon: float = Field(
+        1e-6, gt=0, le=1e-1, description="lp: smoothing, |e| is computed as sqrt(e² + ε²) so gradients stay finite."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Regularization
+# ---------------------------------------------------------------------------------------------
+
+
+class PenaltySpec(_Strict):
+    """Strengths of an L1 and an L2 penalty; both set is the elastic net."""
+
+    l1: float = Field(0.0, ge=0, le=10, description="L1 strength λ₁ ≥ 0.")
+    l2: float = Field(0.0, ge=0, le=10, description="L2 strength λ₂ ≥ 0.")
+
+    @property
+    def is_zero(self) -> bool:
+        return self.l1 == 0 and self.l2 == 0
+
+
+class LayerGroupRegularization(_Strict):
+    """Regularizers of one half (encoder or decoder) of the autoencoder."""
+
+    kernel: PenaltySpec = Field(default_factory=PenaltySpec)
+    bias: PenaltySpec = Field(default_factory=PenaltySpec)
+    activity: PenaltySpec = Field(
+        default_factory=PenaltySpec,
+        description="Encoder: applied to the code (an activity L1 there makes a sparse autoencoder). Decoder: to its output.",
+    )
+
+
+class RegularizationSpec(_Strict):
+    """Kernel, bias and activity penalties for the encoder and the decoder."""
+
+    encoder: LayerGroupRegularization = Field(default_factory=LayerGroupRegularization)
+    decoder: LayerGroupRegularization = Field(default_factory=LayerGroupRegularization)
+    l1_method: Literal["penalty", "proximal"] = Field(
+        "penalty",
+        description=(
+            "`penalty`: λ‖w‖₁ is added to the loss (weights get small, rarely exactly 0). `proximal`: the kernel "
+            "and bias L1 is applied as soft-thresholding w ← sign(w)·max(|w| − η·λ, 0) after each step, so "
+            "weights reach exactly 0. Activity L1 is always a penalty."
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise
+# ---------------------------------------------------------------------------------------------
+
+
+class NoiseSpec(_Strict):
+    """The corruption applied to the clean images; drawn fresh for every batch."""
+
+    type: Literal["gaussian", "salt_pepper", "masking", "speckle"] = Field(
+        "gaussian",
+        description=(
+            "`gaussian` (additive, `level` = stddev), `salt_pepper` (`level` = fraction of pixels set to 0 or 1), "
+            "`masking` (`level` = fraction of pixels set to 0), `speckle` (multiplicative, `level` = stddev)."
+        ),
+    )
+    level: float = Field(0.3, ge=0, le=2, description="Stddev for gaussian/speckle, a fraction in [0, 1] otherwise.")
+    clip: bool = Field(True, description="Clip the noisy image to [0, 1] (images live there).")
+
+    @model_validator(mode="after")
+    def _fraction_in_range(self) -> NoiseSpec:
+        if self.type in ("salt_pepper", "masking") and self.level > 1:
+            raise ValueError(
+                f"noise.level is a fraction of pixels for type={self.type!r}. Expected 0 <= level <= 1. "
+                f"Received: level={self.level}"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer
+# ---------------------------------------------------------------------------------------------
+
+
+class OptimizerSpec(_Strict):
+    """Optimizer, learning rate and its schedule."""
+
+    type: Literal["adam", "sgd", "rmsprop"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd: momentum; rmsprop: momentum.")
+    schedule: Literal["constant", "inverse_time", "exponential", "cosine"] = Field(
+        "constant",
+        description=(
+            "`constant`; `inverse_time`: lr₀/(1 + decay_rate·step/decay_steps); `exponential`: "
+            "lr₀·decay_rate^(step/decay_steps); `cosine`: cosine decay to 0 over the whole run."
+        ),
+    )
+    decay_rate: float = Field(0.5, gt=0, le=100, description="inverse_time/exponential decay rate.")
+    decay_steps: int = Field(1000, ge=1, le=10_000_000, description="inverse_time/exponential: steps per decay unit.")
+    clipnorm: float | None = Field(None, gt=0, le=1000, description="Clip each gradient to this norm.")
+
+    @model_validator(mode="after")
+    def _exponential_decays(self) -> OptimizerSpec:
+        if self.schedule == "exponential" and self.decay_rate >= 1:
+            raise ValueError(
+                "optimizer.decay_rate must be below 1 for an exponential schedule (it multiplies the rate). "
+                f"Expected 0 < decay_rate < 1. Received: decay_rate={self.decay_rate}"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole job
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainingSpec(_Strict):
+    """Everything a training job needs. `{}` is a valid job: a conv DAE on Fashion-MNIST."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "digits-demo",
+                    "dataset": "digits",
+                    "architecture": {"type": "dense", "hidden_units": [64], "latent_dim": 16},
+                    "loss": {"type": "mse"},
+                    "noise": {"type": "gaussian", "level": 0.2},
+                    "epochs": 5,
+                    "batch_size": 64,
+                }
+            ]
+        },
+    )
+
+    name: str | None = Field(
+        None, pattern=NAME_PATTERN, description="Model name; models with the same name get versions 1, 2, …"
+    )
+    dataset: str = Field(
+        "fashion_mnist",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="A built-in dataset (`fashion_mnist`, `mnist`, `digits`, `natural_patches`) or an uploaded dataset id.",
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    architecture: ArchitectureSpec = Field(default_factory=ArchitectureSpec)
+    loss: LossSpec = Field(default_factory=LossSpec)
+    regularization: RegularizationSpec = Field(default_factory=RegularizationSpec)
+    noise: NoiseSpec = Field(default_factory=NoiseSpec)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    epochs: int = Field(10, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH_SIZE)
+    validation_split: float = Field(0.1, ge=0, lt=0.5, description="Fraction of the training split held out for val_loss.")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, le=MAX_EPOCHS, description="Stop after this many epochs without a better val_loss; restores the best weights."
+    )
+    max_runtime_s: float = Field(3600, gt=0, le=MAX_RUNTIME_S, description="Wall-clock budget; training stops (keeping the best so far) when it runs out.")
+    max_train_images: int | None = Field(
+        None, ge=8, le=10_000_000, description="Use at most this many training images (a seeded subset); for quick jobs."
+    )
+
+
+def check_spec_for_images(spec: TrainingSpec, image_shape: tuple[int, ...]) -> None:
+    """Check the parts of a spec that depend on the dataset's image shape (H, W, C).
+
+    Raises InvalidSpec naming the field, the limit and the received value.
+    """
+    height, width = int(image_shape[0]), int(image_shape[1])
+    if spec.architecture.type == "conv":
+        factor = spec.architecture.downsampling_factor
+        if factor > min(height, width):
+            max_depth = int(math.log2(min(height, width)))
+            raise InvalidSpec(
+                f"architecture.filters has {len(spec.architecture.filters)} stride-2 levels, which shrink "
+                f"{height}x{width} images by {factor}. Expected at most {max_depth} levels for this dataset. "
+                f"Received: filters={spec.architecture.filters}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Job records
+# ---------------------------------------------------------------------------------------------
+
+
+class JobState(str, Enum):
+    """Life cycle of a training job."""
+
+    queued = "queued"
+    running = "running"
+    retrying = "retrying"
+    cancelling = "cancelling"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobState.succeeded, JobState.failed, JobState.cancelled)
+
+
+class EpochMetrics(BaseModel):
+    """One finished epoch: what the progress hook reports and the history keeps."""
+
+    epoch: int = Field(description="1-based epoch number.")
+    epochs: int = Field(description="Epochs planned in total.")
+    loss: float
+    val_loss: float | None = None
+    learning_rate: float
+    elapsed_s: float = Field(description="Seconds since this run started training.")
+    eta_s: float | None = Field(None, description="Estimated seconds to the last epoch.")
+    images_per_s: float | None = None
+
+
+class JobRecord(BaseModel):
+    """A training job as the gateway reports it."""
+
+    id: str
+    state: JobState
+    spec: TrainingSpec
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    progress: EpochMetrics | None = Field(None, description="The latest finished epoch.")
+    history: list[EpochMetrics] = Field(default_factory=list)
+    model_id: str | None = None
+    failure_reason: str | None = None
+    attempts: int = 0
+    worker: str | None = Field(None, description="Host name and pid of the worker that ran the last attempt.")
+    resumed_from_epoch: int | None = Field(None, description="Epoch of the checkpoint the last attempt resumed from.")
+    stop_reason: str | None = Field(None, description="Why training ended: completed, early_stopped, timeout, cancelled.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Model cards
+# ---------------------------------------------------------------------------------------------
+
+
+class QualityRow(BaseModel):
+    """Image quality of one method on the test split under one noise setting."""
+
+    noise: str = Field(description="e.g. `gaussian:0.3`.")
+    method: str = Field(description="`noisy`, `model`, `tv`, `nl_means`.")
+    psnr: float
+    ssim: float
+    l1: float
+    mse: float
+
+
+class LayerSparsity(BaseModel):
+    """How sparse one layer's kernel is."""
+
+    layer: str
+    weights: int
+    zero_fraction: float = Field(description="Fraction of kernel weights exactly 0.")
+    near_zero_fraction: float = Field(description="Fraction of kernel weights with |w| < 1e-6.")
+    l1_norm: float
+    l2_norm: float
+
+
+class SparsityReport(BaseModel):
+    """Sparsity of the kernels and of the code."""
+
+    layers: list[LayerSparsity]
+    code_zero_fraction: float = Field(description="Mean fraction of exactly-zero code activations on test images.")
+
+
+class ModelCard(BaseModel):
+    """Everything a user needs to know about a stored model; `card.json` holds it."""
+
+    id: str
+    name: str
+    version: int
+    job_id: str | None = None
+    created_at: datetime
+    spec: TrainingSpec
+    input_shape: list[int | None] = Field(description="(H, W, C); H and W are null for conv models (any size).")
+    trained_shape: list[int] = Field(description="(H, W, C) of the training images.")
+    parameters: int
+    history: list[EpochMetrics] = Field(default_factory=list)
+    stop_reason: str = "completed"
+    evaluation: list[QualityRow] = Field(default_factory=list)
+    sparsity: SparsityReport | None = None
+    dataset: dict[str, Any] = Field(default_factory=dict, description="id, fingerprint (sha256), train/test counts.")
+    library_versions: dict[str, str] = Field(default_factory=dict)
+    training_seconds: float | None = None
+    onnx_max_abs_diff: float | None = Field(None, description="Max |ONNX − Keras| on the export check.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------
+
+
+class DatasetInfo(BaseModel):
+    """A dataset the service can train on: built-in or uploaded."""
+
+    id: str
+    builtin: bool
+    description: str = ""
+    count: int | None = Field(None, description="Number of images (train + test); None when not yet known (online datasets).")
+    shape: list[int] = Field(description="(H, W, C) of one image.")
+    available: bool = Field(True, description="False for online-only datasets on a machine that has no cached copy.")
+    created_at: datetime | None = None
+    filename: str | None = None
+    fingerprint: str | None = None
