@@ -1,0 +1,136 @@
+"""The task's decisions that need no training: skips, lock contention, redelivery, failure reasons.
+
+Real Redis and a real model store; the training itself is covered by test_training_task.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import redis
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+
+from dae.errors import DatasetNotFound, TrainingFailed
+from dae.jobs import JobStore, new_job_id
+from dae.publish import default_model_name
+from dae.spec import JobState, ModelCard, TrainingSpec
+from dae.store import ModelStore, new_model_id
+from worker import tasks
+from worker.config import WorkerSettings
+
+
+@pytest.fixture
+def jobs(redis_client: redis.Redis) -> JobStore:
+    return JobStore(redis_client, prefix=f"test-{uuid.uuid4().hex[:8]}:")
+
+
+@pytest.fixture
+def settings(redis_url: str, store_dir: Path) -> WorkerSettings:
+    return WorkerSettings(redis_url=redis_url, store_dir=store_dir, lock_ttl_s=2, lock_refresh_s=0.5)
+
+
+def spec() -> TrainingSpec:
+    return TrainingSpec.model_validate({"dataset": "digits", "architecture": {"type": "dense"}, "epochs": 2})
+
+
+def states(jobs: JobStore, job_id: str) -> list[str]:
+    return [event["state"] for _id, event in jobs.read_events(job_id, None, 0) if event["type"] == "state"]
+
+
+def publish_fake_model(store: ModelStore, job_id: str) -> ModelCard:
+    """A published model card for `job_id` (its files do not matter to the task's decision)."""
+    name = default_model_name(spec())
+    card = ModelCard(id=new_model_id(), name=name, version=store.reserve_version(name), job_id=job_id,
+                     created_at=datetime.now(UTC), spec=spec(), input_shape=[8, 8, 1], trained_shape=[8, 8, 1],
+                     parameters=10, stop_reason="completed")
+    return store.publish_model(store.staging_dir(), card)
+
+
+def test_finished_and_unknown_jobs_are_skipped(jobs: JobStore, settings: WorkerSettings, store_dir: Path) -> None:
+    store = ModelStore(store_dir)
+    record, _ = jobs.create(spec())
+    jobs.request_cancel(record.id)
+    assert tasks.run_job(record.id, settings=settings, jobs=jobs, store=store) == tasks.SKIPPED
+    assert jobs.get(record.id).state == JobState.cancelled and jobs.get(record.id).attempts == 0
+    assert tasks.run_job(new_job_id(), settings=settings, jobs=jobs, store=store) == tasks.SKIPPED
+
+
+def test_a_locked_job_is_left_to_its_holder(jobs: JobStore, settings: WorkerSettings, store_dir: Path) -> None:
+    record, _ = jobs.create(spec())
+    holder = jobs.lock(record.id, ttl_s=5, refresh_s=1)
+    assert holder.acquire()
+    outcome = tasks.run_job(record.id, settings=settings, jobs=jobs, store=ModelStore(store_dir))
+    assert outcome == tasks.BUSY
+    assert jobs.get(record.id).state == JobState.queued
+    assert jobs.lock_owner(record.id) == holder.token  # the busy attempt did not touch the holder's lock
+
+
+def test_redelivered_cancelling_job_ends_cancelled(jobs: JobStore, settings: WorkerSettings, store_dir: Path) -> None:
+    record, _ = jobs.create(spec())
+    jobs.mark_running(record.id, worker="lost:1")
+    jobs.request_cancel(record.id)  # then the worker died before it saw the flag
+    outcome = tasks.run_job(record.id, settings=settings, jobs=jobs, store=ModelStore(store_dir))
+    assert outcome == tasks.CANCELLED
+    assert jobs.get(record.id).state == JobState.cancelled
+    assert jobs.lock_owner(record.id) is None
+
+
+def test_redelivery_after_publishing_does_not_publish_again(
+    jobs: JobStore, settings: WorkerSettings, store_dir: Path
+) -> None:
+    store = ModelStore(store_dir)
+    record, _ = jobs.create(spec())
+    jobs.mark_running(record.id, worker="lost:1")
+    publish_fake_model(store, new_job_id())  # another job's model of the same name
+    card = publish_fake_model(store, record.id)  # the lost attempt got this far
+    assert tasks.find_published_model(store, record.spec, record.id) == card
+    outcome = tasks.run_job(record.id, settings=settings, jobs=jobs, store=store)
+    assert outcome == tasks.SUCCEEDED
+    final = jobs.get(record.id)
+    assert final.state == JobState.succeeded and final.model_id == card.id
+    assert final.attempts == 1  # no new training attempt was started
+    assert states(jobs, record.id) == ["queued", "running", "retrying", "succeeded"]
+    assert store.list_models(name=card.name)[1] == 2
+
+
+def test_find_published_model_pages_through_versions(store_dir: Path) -> None:
+    store = ModelStore(store_dir)
+    job_id = new_job_id()
+    wanted = publish_fake_model(store, job_id)
+    for _ in range(3):
+        publish_fake_model(store, new_job_id())
+    assert tasks.find_published_model(store, spec(), job_id) == wanted
+    assert tasks.find_published_model(store, spec(), new_job_id()) is None
+
+
+def test_failure_reasons_are_actionable() -> None:
+    job_spec = spec()
+    disk_full = OSError(errno.ENOSPC, "No space left on device", "/store/tmp/x")
+    assert "disk space" in tasks.failure_reason(disk_full, job_spec)
+    assert "DAE_STORE_DIR" in tasks.failure_reason(disk_full, job_spec)
+    nan = TrainingFailed("loss became NaN at epoch 3; lower the learning rate")
+    assert tasks.failure_reason(nan, job_spec) == nan.message
+    missing = tasks.failure_reason(DatasetNotFound("No dataset ds_0123456789ab."), job_spec)
+    assert "'digits'" in missing and "ds_0123456789ab" in missing
+    soft = tasks.failure_reason(SoftTimeLimitExceeded(), job_spec)
+    assert "time limit of 4200 s" in soft and "max_runtime_s=3600" in soft
+    assert "Invalid values" in tasks.failure_reason(ValueError("pixel 3 is inf"), job_spec)
+    assert "RuntimeError" in tasks.failure_reason(RuntimeError("boom"), job_spec)
+
+
+def test_hard_time_limit_is_recorded(jobs: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    record, _ = jobs.create(spec())
+    jobs.mark_running(record.id, worker="w:1")
+    monkeypatch.setattr(tasks, "job_store", lambda settings: jobs)
+    task = tasks.app.tasks["dae.train"]
+    task.on_failure(TimeLimitExceeded(4320), "task-id", [record.id], {}, None)
+    final = jobs.get(record.id)
+    assert final.state == JobState.failed and "4320 s" in final.failure_reason
+    # Other failures are the task's own business (already recorded by run_job).
+    other, _ = jobs.create(spec())
+    task.on_failure(RuntimeError("x"), "task-id", [other.id], {}, None)
+    assert jobs.get(other.id).state == JobState.queued
