@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -271,7 +271,7 @@ def check_spec_for_images(spec: TrainingSpec, image_shape: tuple[int, ...]) -> N
 # ---------------------------------------------------------------------------------------------
 
 
-class JobState(str, Enum):
+class JobState(StrEnum):
     """Life cycle of a training job."""
 
     queued = "queued"
@@ -333,6 +333,9 @@ class QualityRow(BaseModel):
     ssim: float
     l1: float
     mse: float
+    images: int | None = Field(
+        None, description="How many test images the row averages over (classical baselines use a subset to stay fast)."
+    )
 
 
 class LayerSparsity(BaseModel):

@@ -1,0 +1,216 @@
+"""Turn a finished training run into a published model: artifacts, evaluation, model card, atomic publish.
+
+Everything is written into a private staging directory of the store first: model.keras, model.onnx (exported and
+verified against Keras; ExportFailed publishes nothing), history.png, samples.png, and finally card.json via
+ModelStore.publish_model, which renames the directory into models/<id> in one step. The evaluation table is computed
+with the verified ONNX file, i.e. with exactly the artifact the gateway serves.
+
+TensorFlow/Keras are imported lazily (through dae.export and dae.metrics' Keras helpers) when a result is published.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+import dae
+from dae.export import export_onnx, onnx_predictor
+from dae.metrics import evaluate_denoiser, noise_label, psnr_per_image, select_test_images, sparsity_report
+from dae.noise import add_noise
+from dae.spec import EpochMetrics, ModelCard, NoiseSpec, TrainingSpec
+from dae.store import ModelStore, new_model_id
+
+if TYPE_CHECKING:
+    from dae.training import TrainingResult
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_IMAGES = 8
+_LIBRARIES = {
+    "tensorflow": "tensorflow-cpu",
+    "keras": "keras",
+    "onnxruntime": "onnxruntime",
+    "tf2onnx": "tf2onnx",
+    "numpy": "numpy",
+    "scikit-image": "scikit-image",
+}
+
+
+def default_model_name(spec: TrainingSpec) -> str:
+    """The name a model gets when its spec has none: "<dataset>-<architecture type>"."""
+    return spec.name or f"{spec.dataset}-{spec.architecture.type}"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shaped a model (for the model card)."""
+    versions = {"dae": dae.__version__}
+    for label, distribution in _LIBRARIES.items():
+        for candidate in (distribution, label):
+            try:
+                versions[label] = importlib.metadata.version(candidate)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return versions
+
+
+def publish_training_result(
+    result: TrainingResult, spec: TrainingSpec, store: ModelStore, *, job_id: str | None = None
+) -> ModelCard:
+    """Write all artifacts of a training run into the store and publish its model card; returns the card.
+
+    Raises ExportFailed (nothing published, no version used) when the ONNX file does not match the Keras model.
+    """
+    model = result.model
+    data = result.data
+    staging = store.staging_dir()
+    try:
+        model.save(staging / "model.keras")
+        onnx_max_abs_diff = export_onnx(model, staging / "model.onnx", real_images=data.test, seed=spec.seed)
+        # The worker process runs one job at a time: let onnxruntime use the cores it has.
+        predict = onnx_predictor(staging / "model.onnx", threads=min(4, os.cpu_count() or 1))
+        evaluation = evaluate_denoiser(predict, data.test, spec.noise, seed=spec.seed)
+        sparsity = sparsity_report(model, data.test)
+        write_history_plot(result.history, staging / "history.png", title=default_model_name(spec))
+        sample_clean = select_test_images(data.test, spec.seed)[:SAMPLE_IMAGES]
+        write_samples_plot(sample_clean, spec.noise, predict, staging / "samples.png", seed=spec.seed)
+
+        name = default_model_name(spec)
+        # Reserved only once every artifact is in place, so failed exports do not use up versions.
+        version = store.reserve_version(name)
+        is_conv = spec.architecture.type == "conv"
+        height, width, channels = data.image_shape
+        card = ModelCard(
+            id=new_model_id(),
+            name=name,
+            version=version,
+            job_id=job_id,
+            created_at=datetime.now(UTC),
+            spec=spec,
+            input_shape=[None, None, channels] if is_conv else [height, width, channels],
+            trained_shape=[height, width, channels],
+            parameters=int(model.count_params()),
+            history=list(result.history),
+            stop_reason=result.stop_reason,
+            evaluation=evaluation,
+            sparsity=sparsity,
+            dataset={
+                "id": data.dataset_id,
+                "fingerprint": data.fingerprint,
+                "train": int(len(data.train)),
+                "test": int(len(data.test)),
+            },
+            library_versions=library_versions(),
+            training_seconds=float(result.training_seconds),
+            onnx_max_abs_diff=onnx_max_abs_diff,
+        )
+        published = store.publish_model(staging, card)
+    except BaseException:
+        store.discard_staging(staging)
+        raise
+    logger.info("model %s published as %s v%d", published.id, published.name, published.version)
+    return published
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (matplotlib's object API with the Agg canvas: no pyplot, no global backend switch)
+# ---------------------------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    figure = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def write_history_plot(history: list[EpochMetrics], path: Path, *, title: str = "") -> None:
+    """loss and val_loss per epoch as a PNG."""
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
+
+    figure = _figure(6, 4)
+    axes = figure.add_subplot(1, 1, 1)
+    epochs = [entry.epoch for entry in history]
+    axes.plot(epochs, [entry.loss for entry in history], marker="o", label="loss")
+    validation = [(entry.epoch, entry.val_loss) for entry in history if entry.val_loss is not None]
+    if validation:
+        axes.plot([epoch for epoch, _ in validation], [value for _, value in validation], marker="o", label="val_loss")
+    if not history:
+        axes.text(0.5, 0.5, "no epochs recorded", ha="center", va="center", transform=axes.transAxes)
+    axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylabel("loss")
+    axes.set_title(f"training history {title}".strip())
+    axes.grid(True, alpha=0.3)
+    if history:
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+
+
+def _strip(images: np.ndarray, gap: int) -> np.ndarray:
+    """Images (N, H, W, C) side by side, `gap` NaN columns between them (drawn as background): (H, N·W + gaps, C)."""
+    count, height, width, channels = images.shape
+    strip = np.full((height, count * width + (count - 1) * gap, channels), np.nan, dtype=np.float32)
+    for index in range(count):
+        left = index * (width + gap)
+        strip[:, left : left + width] = images[index]
+    return strip
+
+
+def write_samples_plot(clean: np.ndarray, noise: NoiseSpec, predict: Any, path: Path, *, seed: int = 0) -> None:
+    """A PNG with rows clean, noisy, denoised (clipped) and the |error| heatmap of the denoised image.
+
+    Each row is one image strip (one axes per row, not one per image: much faster to draw).
+    """
+    from matplotlib import colormaps  # noqa: PLC0415
+
+    clean = np.asarray(clean, dtype=np.float32)
+    noisy = add_noise(clean, noise, seed=[seed, 0])
+    denoised = np.clip(np.asarray(predict(noisy), dtype=np.float32), 0.0, 1.0)
+    error = np.abs(denoised - clean).mean(axis=-1, keepdims=True)
+    noisy_psnr = psnr_per_image(clean, noisy)
+    denoised_psnr = psnr_per_image(clean, denoised)
+    count, height, width, _ = clean.shape
+    gap = max(1, width // 8)
+    figure = _figure(max(4.0, 1.1 * count + 1.5), 5.5)
+    rows = [
+        ("clean", clean, None),
+        ("noisy", noisy, noisy_psnr),
+        ("denoised", denoised, denoised_psnr),
+        ("|error|", error, None),
+    ]
+    for row_index, (label, images, psnrs) in enumerate(rows):
+        axes = figure.add_subplot(len(rows), 1, row_index + 1)
+        strip = _strip(images, gap)
+        if label == "|error|":
+            heatmap = colormaps["magma"].with_extremes(bad="white")
+            shown = axes.imshow(
+                np.ma.masked_invalid(strip[..., 0]), cmap=heatmap, vmin=0.0, vmax=0.5, interpolation="nearest"
+            )
+            figure.colorbar(shown, ax=axes, fraction=0.02, pad=0.01)
+        elif strip.shape[-1] == 1:
+            gray = colormaps["gray"].with_extremes(bad="white")
+            axes.imshow(np.ma.masked_invalid(strip[..., 0]), cmap=gray, vmin=0.0, vmax=1.0, interpolation="nearest")
+        else:
+            axes.imshow(np.nan_to_num(strip, nan=1.0), interpolation="nearest")
+        axes.set_yticks([])
+        axes.set_ylabel(label)
+        if psnrs is not None:
+            axes.set_xticks([index * (width + gap) + (width - 1) / 2 for index in range(count)])
+            axes.set_xticklabels([f"{value:.1f} dB" for value in psnrs], fontsize=7)
+            axes.tick_params(axis="x", length=0)
+        else:
+            axes.set_xticks([])
+    figure.suptitle(
+        f"{noise_label(noise)} noise; PSNR under each noisy/denoised image; |error| scale 0-0.5", fontsize=9
+    )
+    figure.savefig(path, format="png")

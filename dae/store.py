@@ -1,0 +1,481 @@
+"""The model store: model cards, artifacts, uploaded datasets and checkpoints in one directory tree.
+
+Layout under the store root (a local directory; every process and host that shares it sees the same models):
+
+    models/<model id>/{model.keras, model.onnx, card.json, history.png, samples.png}
+    datasets/<dataset id>.npz  +  datasets/<dataset id>.json (its DatasetInfo)
+    checkpoints/<job id>/      (owned by training; resumable state of a running job)
+    cache/                     (downloaded online datasets, e.g. cache/mnist.npz)
+    names/<name>/<version>/model_id   (version reservation by os.mkdir, and the name -> id index)
+    tmp/                       (staging directories and temp files; same filesystem, so renames are atomic)
+
+Why this shape:
+- A model becomes visible in one step: its files and card.json are written into a staging directory and the
+  directory is renamed to models/<id>. A reader never sees a half-written model.
+- Versions are reserved with os.mkdir, which is atomic on local and network filesystems, so two workers that
+  publish the same name at once get different versions without a lock server.
+- Every id and reference is matched against a strict pattern before it becomes part of a path, so "../x" and
+  friends raise ModelNotFound/DatasetNotFound and never touch anything outside the root.
+- card.json's modification time is set to the card's created_at, so listing newest-first needs one stat per
+  model and reads only the cards of the requested page.
+
+TensorFlow-free: the gateway imports this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from dae.errors import Conflict, DatasetNotFound, ModelNotFound
+from dae.spec import NAME_PATTERN, DatasetInfo, ModelCard
+
+logger = logging.getLogger(__name__)
+
+MODEL_ID_PATTERN = re.compile(r"^m_[0-9a-f]{12}$")
+DATASET_ID_PATTERN = re.compile(r"^ds_[0-9a-f]{12}$")
+#: Job ids are "j_" + 16 hex (dae.jobs); checkpoints accept any short safe token so tests and tools can use them too.
+CHECKPOINT_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_NAME_RE = re.compile(NAME_PATTERN)
+_VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
+
+MODEL_ARTIFACTS = frozenset({"model.keras", "model.onnx", "history.png", "samples.png", "card.json"})
+CARD_FILE = "card.json"
+_MODEL_ID_FILE = "model_id"
+
+
+def new_model_id() -> str:
+    """A fresh random model id: "m_" + 12 hex characters."""
+    return "m_" + secrets.token_hex(6)
+
+
+def new_dataset_id() -> str:
+    """A fresh random dataset id: "ds_" + 12 hex characters."""
+    return "ds_" + secrets.token_hex(6)
+
+
+def is_model_id(value: str) -> bool:
+    """True when `value` has the shape of a model id (it may still not exist)."""
+    return bool(MODEL_ID_PATTERN.fullmatch(value))
+
+
+def is_dataset_id(value: str) -> bool:
+    """True when `value` has the shape of an uploaded dataset id (it may still not exist)."""
+    return bool(DATASET_ID_PATTERN.fullmatch(value))
+
+
+def fingerprint_pixels(*arrays: np.ndarray) -> str:
+    """sha256 hex of the pixel bytes of `arrays` (dtype and shape included, so a reshape changes it)."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        contiguous = np.ascontiguousarray(array)
+        digest.update(f"{contiguous.dtype.str}{contiguous.shape};".encode())
+        digest.update(memoryview(contiguous).cast("B"))
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically: a temp file in the same directory, fsync, then os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp_name)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write UTF-8 `text` to `path` atomically (see atomic_write_bytes)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+class ModelStore:
+    """Models, datasets and checkpoints under one root directory (see the module docstring for the layout)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root).resolve()
+        self.models_dir = self.root / "models"
+        self.datasets_dir = self.root / "datasets"
+        self.checkpoints_dir = self.root / "checkpoints"
+        self.cache_dir = self.root / "cache"
+        self.names_dir = self.root / "names"
+        self.tmp_dir = self.root / "tmp"
+
+    def __repr__(self) -> str:
+        return f"ModelStore(root={str(self.root)!r})"
+
+    # -----------------------------------------------------------------------------------------
+    # Directories
+    # -----------------------------------------------------------------------------------------
+
+    def _ensure(self, directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory
+
+    def checkpoint_dir(self, job_id: str) -> Path:
+        """The checkpoint directory of a job (created if missing). ValueError for an unsafe job id."""
+        if not isinstance(job_id, str) or not CHECKPOINT_KEY_PATTERN.fullmatch(job_id):
+            raise ValueError(
+                f"A checkpoint key must be a job id such as 'j_0123456789abcdef'. Expected a match of "
+                f"{CHECKPOINT_KEY_PATTERN.pattern}. Received: job_id={job_id!r}"
+            )
+        return self._ensure(self.checkpoints_dir / job_id)
+
+    def delete_checkpoint(self, job_id: str) -> None:
+        """Remove a job's checkpoint directory, if any."""
+        path = self.checkpoint_dir(job_id)
+        shutil.rmtree(path, ignore_errors=True)
+
+    def staging_dir(self) -> Path:
+        """A fresh, empty directory inside the store (same filesystem as models/, so publishing is a rename)."""
+        return Path(tempfile.mkdtemp(prefix="staging-", dir=self._ensure(self.tmp_dir)))
+
+    def discard_staging(self, staging: Path) -> None:
+        """Remove a staging directory that will not be published (e.g. after a failed export)."""
+        staging = Path(staging).resolve()
+        if staging.parent != self.tmp_dir.resolve():
+            raise ValueError(f"Expected a staging directory made by this store. Received: staging={str(staging)!r}")
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def remove_stale_temporaries(self, older_than_s: float = 24 * 3600) -> int:
+        """Remove staging/deleted directories in tmp/ older than `older_than_s` (left by killed workers).
+
+        Returns how many were removed. Safe to run while jobs publish: fresh staging directories are kept.
+        """
+        try:
+            entries = list(os.scandir(self.tmp_dir))
+        except FileNotFoundError:
+            return 0
+        deadline = time.time() - older_than_s
+        removed = 0
+        for entry in entries:
+            if not entry.name.startswith(("staging-", "deleted-")):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if entry.stat(follow_symlinks=False).st_mtime < deadline:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    removed += 1
+        return removed
+
+    # -----------------------------------------------------------------------------------------
+    # Versions and names
+    # -----------------------------------------------------------------------------------------
+
+    def _check_name(self, name: str) -> str:
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            raise ValueError(
+                f"A model name starts with a letter or digit and has at most 64 of A-Z a-z 0-9 _ . -. "
+                f"Expected a match of {NAME_PATTERN}. Received: name={name!r}"
+            )
+        return name
+
+    def _versions_on_disk(self, name: str) -> list[int]:
+        try:
+            entries = os.listdir(self.names_dir / name)
+        except FileNotFoundError:
+            return []
+        return sorted(int(entry) for entry in entries if _VERSION_RE.fullmatch(entry))
+
+    def reserve_version(self, name: str) -> int:
+        """Reserve the next version of `name` (1, 2, ...): atomic across processes and hosts (os.mkdir).
+
+        A reserved version is never handed out again, even if its model is never published or later deleted.
+        """
+        self._check_name(name)
+        name_dir = self._ensure(self.names_dir / name)
+        existing = self._versions_on_disk(name)
+        version = (existing[-1] + 1) if existing else 1
+        while True:
+            try:
+                os.mkdir(name_dir / str(version))
+                return version
+            except FileExistsError:
+                # Someone else took it between our listing and our mkdir: try the next one.
+                version += 1
+
+    def _model_id_for(self, name: str, version: int) -> str | None:
+        pointer = self.names_dir / name / str(version) / _MODEL_ID_FILE
+        try:
+            model_id = pointer.read_text(encoding="utf-8").strip()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not is_model_id(model_id) or not (self.models_dir / model_id / CARD_FILE).is_file():
+            # A pointer written just before a publish that never completed: not a model.
+            return None
+        return model_id
+
+    def _published_ids_of_name(self, name: str) -> list[tuple[int, str]]:
+        """(version, model id) of every published model of `name`, newest version first."""
+        result = []
+        for version in reversed(self._versions_on_disk(name)):
+            model_id = self._model_id_for(name, version)
+            if model_id is not None:
+                result.append((version, model_id))
+        return result
+
+    # -----------------------------------------------------------------------------------------
+    # Models
+    # -----------------------------------------------------------------------------------------
+
+    def publish_model(self, staging: Path, card: ModelCard) -> ModelCard:
+        """Write card.json into `staging` and rename it to models/<card.id> in one atomic step.
+
+        The card's (name, version) is registered first (reserving it if publish_training_result did not), so
+        the model is reachable by name the moment the rename makes it visible.
+        """
+        staging = Path(staging).resolve()
+        if staging.parent != self.tmp_dir.resolve() or not staging.is_dir():
+            raise ValueError(
+                f"Expected a staging directory made by ModelStore.staging_dir(). Received: staging={str(staging)!r}"
+            )
+        if not is_model_id(card.id):
+            raise ValueError(f"Expected a model id 'm_' + 12 hex characters. Received: card.id={card.id!r}")
+        self._check_name(card.name)
+        if card.version < 1:
+            raise ValueError(f"Expected a model version >= 1. Received: card.version={card.version}")
+        target = self.models_dir / card.id
+        if target.exists():
+            raise Conflict(f"Expected a new model id. Received: card.id={card.id!r}, which is already published.")
+
+        version_dir = self.names_dir / card.name / str(card.version)
+        version_dir.mkdir(parents=True, exist_ok=True)
+        existing = self._model_id_for(card.name, card.version)
+        if existing is not None and existing != card.id:
+            raise Conflict(
+                f"Version {card.version} of {card.name!r} is already published as {existing}. Expected a version "
+                f"from ModelStore.reserve_version(). Received: version={card.version}"
+            )
+
+        card_path = staging / CARD_FILE
+        atomic_write_text(card_path, card.model_dump_json(indent=2))
+        created_ns = int(_aware(card.created_at).timestamp() * 1e9)
+        os.utime(card_path, ns=(created_ns, created_ns))
+        atomic_write_text(version_dir / _MODEL_ID_FILE, card.id)
+        self._ensure(self.models_dir)
+        os.rename(staging, target)
+        _fsync_directory(self.models_dir)
+        logger.info("published model %s (%s v%d)", card.id, card.name, card.version)
+        return card
+
+    def resolve_model_id(self, ref: str) -> str:
+        """The model id that `ref` (id | name | name:version) points to. ModelNotFound otherwise."""
+        if not isinstance(ref, str):
+            raise ModelNotFound(f"Expected a model id, name or name:version. Received: ref={ref!r}")
+        if is_model_id(ref) and (self.models_dir / ref / CARD_FILE).is_file():
+            return ref
+        name, separator, version_text = ref.partition(":")
+        if _NAME_RE.fullmatch(name):
+            if not separator:
+                published = self._published_ids_of_name(name)
+                if published:
+                    return published[0][1]
+            elif _VERSION_RE.fullmatch(version_text):
+                model_id = self._model_id_for(name, int(version_text))
+                if model_id is not None:
+                    return model_id
+        raise ModelNotFound(
+            f"No model matches this reference. Expected a model id ('m_' + 12 hex), a name or name:version of a "
+            f"published model. Received: ref={ref!r}"
+        )
+
+    def read_card(self, ref: str) -> ModelCard:
+        """The model card of `ref` (id | name for its latest version | name:version). ModelNotFound otherwise."""
+        model_id = self.resolve_model_id(ref)
+        try:
+            text = (self.models_dir / model_id / CARD_FILE).read_text(encoding="utf-8")
+        except FileNotFoundError:  # deleted between resolving and reading
+            raise ModelNotFound(f"Model {model_id} was deleted. Received: ref={ref!r}") from None
+        return ModelCard.model_validate_json(text)
+
+    def list_models(self, name: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[ModelCard], int]:
+        """Published models, newest first, optionally only those called `name`; returns (page, total)."""
+        if limit < 0 or offset < 0:
+            raise ValueError(f"Expected limit >= 0 and offset >= 0. Received: limit={limit}, offset={offset}")
+        if name is not None:
+            if not _NAME_RE.fullmatch(name):
+                return [], 0
+            candidate_ids = [model_id for _, model_id in self._published_ids_of_name(name)]
+        else:
+            try:
+                candidate_ids = [entry for entry in os.listdir(self.models_dir) if is_model_id(entry)]
+            except FileNotFoundError:
+                candidate_ids = []
+        dated = []
+        for model_id in candidate_ids:
+            try:
+                modified_ns = os.stat(self.models_dir / model_id / CARD_FILE).st_mtime_ns
+            except FileNotFoundError:
+                continue
+            dated.append((modified_ns, model_id))
+        dated.sort(reverse=True)
+        page = []
+        for _, model_id in dated[offset : offset + limit]:
+            try:
+                page.append(self.read_card(model_id))
+            except ModelNotFound:  # deleted while listing
+                continue
+        return page, len(dated)
+
+    def artifact_path(self, ref: str, artifact: str) -> Path:
+        """Path of one artifact of a model. ModelNotFound for an unknown model or artifact name."""
+        if artifact not in MODEL_ARTIFACTS:
+            raise ModelNotFound(
+                f"Unknown model artifact. Expected one of {sorted(MODEL_ARTIFACTS)}. Received: artifact={artifact!r}"
+            )
+        model_id = self.resolve_model_id(ref)
+        path = self.models_dir / model_id / artifact
+        if not path.is_file():
+            raise ModelNotFound(f"Model {model_id} has no {artifact}. Received: ref={ref!r}")
+        return path
+
+    def delete_model(self, ref: str) -> ModelCard:
+        """Delete a model (its directory and its name entry); returns its card. The version is not reused."""
+        card = self.read_card(ref)
+        # Move it out of models/ first (atomic), so readers see it either whole or gone.
+        trash = Path(tempfile.mkdtemp(prefix="deleted-", dir=self._ensure(self.tmp_dir)))
+        try:
+            os.rename(self.models_dir / card.id, trash / card.id)
+        except FileNotFoundError:
+            shutil.rmtree(trash, ignore_errors=True)
+            raise ModelNotFound(f"Model {card.id} was already deleted. Received: ref={ref!r}") from None
+        with contextlib.suppress(FileNotFoundError):
+            (self.names_dir / card.name / str(card.version) / _MODEL_ID_FILE).unlink()
+        shutil.rmtree(trash, ignore_errors=True)
+        logger.info("deleted model %s (%s v%d)", card.id, card.name, card.version)
+        return card
+
+    # -----------------------------------------------------------------------------------------
+    # Uploaded datasets
+    # -----------------------------------------------------------------------------------------
+
+    def _check_dataset_id(self, dataset_id: str) -> str:
+        if not isinstance(dataset_id, str) or not is_dataset_id(dataset_id):
+            raise DatasetNotFound(
+                f"No uploaded dataset with this id. Expected 'ds_' + 12 hex characters. Received: dataset_id={dataset_id!r}"
+            )
+        return dataset_id
+
+    def save_dataset(self, images: np.ndarray, *, filename: str | None = None, description: str = "") -> DatasetInfo:
+        """Store validated images (float32 NHWC in [0, 1]) as datasets/<id>.npz plus its metadata <id>.json.
+
+        Images that are exactly k/255 are stored as uint8 (4x smaller, lossless); others as float32.
+        """
+        if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[0] < 1:
+            raise ValueError(
+                f"Expected a non-empty (N, H, W, C) array. Received: shape={getattr(images, 'shape', None)}"
+            )
+        images = np.asarray(images, dtype=np.float32)
+        as_uint8 = np.round(images * 255.0).clip(0, 255).astype(np.uint8)
+        stored = as_uint8 if np.array_equal(as_uint8.astype(np.float32) / np.float32(255.0), images) else images
+        dataset_id = new_dataset_id()
+        self._ensure(self.datasets_dir)
+        npz_path = self.datasets_dir / f"{dataset_id}.npz"
+        descriptor, temp_name = tempfile.mkstemp(prefix=f".{dataset_id}.", suffix=".npz.tmp", dir=self.datasets_dir)
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                np.savez(handle, x=stored)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp_name, npz_path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp_name)
+            raise
+        info = DatasetInfo(
+            id=dataset_id,
+            builtin=False,
+            description=description or (f"Uploaded from {filename}" if filename else "Uploaded dataset"),
+            count=int(stored.shape[0]),
+            shape=[int(side) for side in stored.shape[1:]],
+            available=True,
+            created_at=datetime.now(UTC),
+            filename=filename,
+            fingerprint=fingerprint_pixels(stored),
+        )
+        # The metadata file is written last: its presence is what makes the dataset exist.
+        atomic_write_text(self.datasets_dir / f"{dataset_id}.json", info.model_dump_json(indent=2))
+        logger.info("saved dataset %s (%d images of %s)", dataset_id, info.count, info.shape)
+        return info
+
+    def dataset_info(self, dataset_id: str) -> DatasetInfo:
+        """Metadata of an uploaded dataset (cheap: reads only its .json). DatasetNotFound otherwise."""
+        self._check_dataset_id(dataset_id)
+        try:
+            text = (self.datasets_dir / f"{dataset_id}.json").read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise DatasetNotFound(f"No uploaded dataset with this id. Received: dataset_id={dataset_id!r}") from None
+        return DatasetInfo.model_validate_json(text)
+
+    def load_dataset_images(self, dataset_id: str) -> np.ndarray:
+        """All images of an uploaded dataset as float32 (N, H, W, C) in [0, 1]."""
+        self.dataset_info(dataset_id)
+        try:
+            with np.load(self.datasets_dir / f"{dataset_id}.npz", allow_pickle=False) as archive:
+                stored = archive["x"]
+        except FileNotFoundError:
+            raise DatasetNotFound(
+                f"Dataset {dataset_id} has no pixel file. Received: dataset_id={dataset_id!r}"
+            ) from None
+        if stored.dtype == np.uint8:
+            return stored.astype(np.float32) / np.float32(255.0)
+        return stored.astype(np.float32, copy=False)
+
+    def list_datasets(self) -> list[DatasetInfo]:
+        """Uploaded datasets, newest first."""
+        try:
+            entries = os.listdir(self.datasets_dir)
+        except FileNotFoundError:
+            return []
+        infos = []
+        for entry in entries:
+            stem, _, extension = entry.partition(".")
+            if extension != "json" or not is_dataset_id(stem):
+                continue
+            try:
+                infos.append(self.dataset_info(stem))
+            except DatasetNotFound:
+                continue
+        infos.sort(key=lambda info: (info.created_at or datetime.min.replace(tzinfo=UTC), info.id), reverse=True)
+        return infos
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete an uploaded dataset. DatasetNotFound if there is none with this id."""
+        self.dataset_info(dataset_id)
+        # Metadata first: the dataset stops existing at once, the pixels follow.
+        with contextlib.suppress(FileNotFoundError):
+            (self.datasets_dir / f"{dataset_id}.json").unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (self.datasets_dir / f"{dataset_id}.npz").unlink()
+        logger.info("deleted dataset %s", dataset_id)
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable (best effort; not every filesystem supports fsync on directories)."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)

@@ -1,0 +1,412 @@
+"""Datasets: IDX parsing, built-ins (shapes, ranges, determinism, disjoint splits), uploads and their validation."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dae import data
+from dae.errors import DatasetNotFound, DatasetUnavailable, InvalidDataset, PayloadTooLarge
+from dae.store import ModelStore, fingerprint_pixels
+
+REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+
+
+# ---------------------------------------------------------------------------------------------
+# IDX / Fashion-MNIST
+# ---------------------------------------------------------------------------------------------
+
+
+def idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
+    header = bytes([0, 0, type_code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def write_fashion_dir(directory: Path, train: np.ndarray, test: np.ndarray) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, pixels in (("train-images-idx3-ubyte.gz", train), ("t10k-images-idx3-ubyte.gz", test)):
+        with gzip.open(directory / name, "wb") as handle:
+            handle.write(idx_bytes(pixels))
+    return directory
+
+
+def test_parse_idx_reads_dims_big_endian_and_values() -> None:
+    pixels = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    raw = idx_bytes(pixels)
+    assert raw[:8] == b"\x00\x00\x08\x03\x00\x00\x00\x02"  # magic, then dim 0 = 2 as big-endian uint32
+    np.testing.assert_array_equal(data.parse_idx(raw), pixels)
+    shorts = np.array([[1, -2], [300, 4]], dtype=np.int16)
+    np.testing.assert_array_equal(data.parse_idx(idx_bytes(shorts, type_code=0x0B)), shorts)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"\x01\x00\x08\x01\x00\x00\x00\x01\x05", "two zero bytes"),
+        (b"\x00\x00\x07\x01\x00\x00\x00\x01\x05", "type code"),
+        (b"\x00\x00\x08\x02\x00\x00\x00\x02\x00\x00\x00\x02\x01\x02\x03", "does not match its header"),
+        (b"\x00\x00\x08\x00", "at least one dimension"),
+    ],
+)
+def test_parse_idx_rejects_malformed_files(raw: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        data.parse_idx(raw)
+
+
+def test_fashion_mnist_from_synthetic_idx_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, size=(20, 6, 5), dtype=np.uint8)
+    test = rng.integers(0, 256, size=(4, 6, 5), dtype=np.uint8)
+    train[0, 0, 0], train[0, 0, 1] = 255, 51
+    directory = write_fashion_dir(tmp_path / "fashion", train, test)
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", directory)
+
+    splits = data.load_dataset("fashion_mnist")
+    assert splits.train.shape == (20, 6, 5, 1) and splits.test.shape == (4, 6, 5, 1)
+    assert splits.train.dtype == np.float32 and splits.image_shape == (6, 5, 1)
+    assert splits.train[0, 0, 0, 0] == 1.0 and splits.train[0, 0, 1, 0] == pytest.approx(0.2)
+    np.testing.assert_array_equal(splits.test[..., 0], test.astype(np.float32) / 255.0)  # t10k is the test split
+    assert splits.fingerprint == fingerprint_pixels(train, test)
+
+    subset = data.load_dataset("fashion_mnist", seed=3, max_train_images=8)
+    assert subset.train.shape == (8, 6, 5, 1)
+    np.testing.assert_array_equal(subset.train, data.load_dataset("fashion_mnist", seed=3, max_train_images=8).train)
+    assert not np.array_equal(subset.train, data.load_dataset("fashion_mnist", seed=4, max_train_images=8).train)
+    train_rows = {row.tobytes() for row in splits.train}
+    assert all(row.tobytes() in train_rows for row in subset.train)
+    np.testing.assert_array_equal(subset.test, splits.test)  # the test split never shrinks
+
+
+def test_fashion_mnist_falls_back_to_store_cache_then_reports_unavailable(
+    tmp_path: Path, store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "no-such-dir")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+    store = ModelStore(store_dir)
+
+    # No IDX files, no cache, and a keras whose download fails (as on a machine without internet).
+    def offline_load_data() -> None:
+        raise OSError("network is unreachable")
+
+    fake_keras = types.SimpleNamespace(
+        datasets=types.SimpleNamespace(fashion_mnist=types.SimpleNamespace(load_data=offline_load_data))
+    )
+    monkeypatch.setitem(sys.modules, "keras", fake_keras)
+    assert data.dataset_info("fashion_mnist", store).available is False
+    with pytest.raises(DatasetUnavailable, match="needs a download from the internet"):
+        data.load_dataset("fashion_mnist", store=store)
+
+    cached_train = np.full((3, 4, 4), 255, dtype=np.uint8)
+    cached_test = np.zeros((2, 4, 4), dtype=np.uint8)
+    store.cache_dir.mkdir(parents=True)
+    np.savez(store.cache_dir / "fashion_mnist.npz", x_train=cached_train, x_test=cached_test)
+    assert data.dataset_info("fashion_mnist", store).available is True
+    splits = data.load_dataset("fashion_mnist", store=store)
+    assert splits.train.shape == (3, 4, 4, 1) and float(splits.train.min()) == 1.0
+    assert splits.test.shape == (2, 4, 4, 1) and float(splits.test.max()) == 0.0
+
+
+def test_mnist_is_online_only_with_a_clear_error(
+    tmp_path: Path, store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+
+    def offline_load_data() -> None:
+        raise OSError("network is unreachable")
+
+    fake_keras = types.SimpleNamespace(
+        datasets=types.SimpleNamespace(mnist=types.SimpleNamespace(load_data=offline_load_data))
+    )
+    monkeypatch.setitem(sys.modules, "keras", fake_keras)
+    store = ModelStore(store_dir)
+    info = data.dataset_info("mnist", store)
+    assert info.available is False and info.builtin and info.shape == [28, 28, 1]
+    with pytest.raises(DatasetUnavailable, match=r"'mnist' needs a download.*network is unreachable"):
+        data.load_dataset("mnist", store=store)
+
+
+@pytest.mark.skipif(not REAL_FASHION_MNIST.exists(), reason="dataset-fashion-mnist is not installed")
+def test_real_fashion_mnist_files() -> None:
+    splits = data.load_dataset("fashion_mnist", max_train_images=100)
+    assert splits.train.shape == (100, 28, 28, 1)
+    assert splits.test.shape == (10_000, 28, 28, 1)
+    assert 0.0 == float(splits.test.min()) and float(splits.test.max()) == 1.0
+    info = data.dataset_info("fashion_mnist")
+    assert info.available and info.count == 70_000 and info.fingerprint == splits.fingerprint
+
+
+# ---------------------------------------------------------------------------------------------
+# digits and natural_patches
+# ---------------------------------------------------------------------------------------------
+
+
+def test_digits_shapes_range_determinism_and_partition() -> None:
+    from sklearn.datasets import load_digits
+
+    splits = data.load_dataset("digits")
+    assert splits.train.shape == (1500, 8, 8, 1) and splits.test.shape == (297, 8, 8, 1)
+    assert float(splits.train.min()) == 0.0 and float(splits.train.max()) == 1.0
+    again = data.load_dataset("digits", seed=123)  # the job seed does not move the fixed test split
+    np.testing.assert_array_equal(splits.test, again.test)
+    np.testing.assert_array_equal(splits.train, again.train)
+    # train + test is exactly the source, each image used once (a partition, so no test image is trained on).
+    source = (load_digits().images / 16.0).astype(np.float32)
+    combined = np.concatenate([splits.train, splits.test])[..., 0]
+    assert sorted(image.tobytes() for image in combined) == sorted(image.tobytes() for image in source)
+
+
+def test_natural_patches_shapes_determinism_and_split_by_image() -> None:
+    splits = data.load_dataset("natural_patches")
+    assert splits.train.shape == (11 * 1024, 32, 32, 1) and splits.test.shape == (3 * 128, 32, 32, 1)
+    assert splits.train.dtype == np.float32
+    assert 0.0 <= float(splits.train.min()) and float(splits.train.max()) <= 1.0
+    assert float(splits.test.std()) > 0.05  # real image content, not blank patches
+    data._natural_patches.cache_clear()  # regenerate from the images, not from the memo
+    again = data.load_dataset("natural_patches")
+    np.testing.assert_array_equal(splits.train, again.train)
+    np.testing.assert_array_equal(splits.test, again.test)
+    assert splits.fingerprint == again.fingerprint
+    # Split by image: test patches come from camera, gravel and coffee only (in that order, 128 each).
+    import skimage.data
+
+    camera = skimage.data.camera().astype(np.float32) / 255.0
+    first = splits.test[0, ..., 0]
+    windows = np.lib.stride_tricks.sliding_window_view(camera, (32, 32))
+    assert np.any(np.all(windows == first, axis=(2, 3)))
+    train_patches = {patch.tobytes() for patch in splits.train}
+    assert not any(patch.tobytes() in train_patches for patch in splits.test)
+
+
+def test_natural_patches_uses_only_bundled_images() -> None:
+    assert set(data.NATURAL_TRAIN_IMAGES).isdisjoint(data.NATURAL_TEST_IMAGES)
+    import inspect
+    import re
+
+    import skimage.data
+
+    bundled_dir = Path(skimage.data.__file__).parent
+    for name in data.NATURAL_TRAIN_IMAGES + data.NATURAL_TEST_IMAGES:
+        # Each loader names its file as "data/<file>"; a file shipped in the wheel needs no download.
+        files = re.findall(r'"data/([^"]+)"', inspect.getsource(getattr(skimage.data, name)))
+        assert files, f"cannot tell which file skimage.data.{name} loads"
+        assert all((bundled_dir / file).is_file() for file in files), f"{name} ({files}) is not in the wheel"
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits, info, listing
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("count", "expected"), [(2, 1), (9, 1), (10, 1), (15, 2), (100, 10), (6000, 512)])
+def test_upload_test_count(count: int, expected: int) -> None:
+    assert data.upload_test_count(count) == expected
+
+
+def test_upload_split_is_seeded_and_disjoint(store_dir: Path) -> None:
+    store = ModelStore(store_dir)
+    images = (np.arange(50, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 1), dtype=np.uint8)).astype(
+        np.float32
+    ) / 255.0
+    info = store.save_dataset(images, filename="ramp.npz")
+    splits = data.load_dataset(info.id, store=store, seed=1)
+    assert splits.train.shape == (45, 4, 4, 1) and splits.test.shape == (5, 4, 4, 1)
+    train_ids = set(np.round(splits.train[:, 0, 0, 0] * 255).astype(int))
+    test_ids = set(np.round(splits.test[:, 0, 0, 0] * 255).astype(int))
+    assert train_ids.isdisjoint(test_ids) and train_ids | test_ids == set(range(50))
+    same = data.load_dataset(info.id, store=store, seed=1)
+    np.testing.assert_array_equal(same.test, splits.test)
+    other = data.load_dataset(info.id, store=store, seed=2)
+    assert not np.array_equal(other.test, splits.test)
+    assert splits.fingerprint == info.fingerprint
+    small = data.load_dataset(info.id, store=store, seed=1, max_train_images=10)
+    assert small.train.shape[0] == 10 and set(np.round(small.train[:, 0, 0, 0] * 255).astype(int)) <= train_ids
+
+
+def test_unknown_or_unsafe_dataset_ids(store_dir: Path) -> None:
+    store = ModelStore(store_dir)
+    for dataset_id in ("imagenet", "../etc/passwd", "ds_0123456789ab", "ds_../x"):
+        with pytest.raises(DatasetNotFound):
+            data.load_dataset(dataset_id, store=store)
+        with pytest.raises(DatasetNotFound):
+            data.dataset_info(dataset_id, store)
+    with pytest.raises(DatasetNotFound, match="store"):
+        data.load_dataset("ds_0123456789ab")
+
+
+def test_dataset_info_and_listing_are_cheap_and_complete(store_dir: Path) -> None:
+    store = ModelStore(store_dir)
+    info = data.dataset_info("natural_patches", store)
+    assert info.shape == [32, 32, 1] and info.count == 11 * 1024 + 3 * 128 and info.available
+    assert data.dataset_info("digits").shape == [8, 8, 1]
+    upload = store.save_dataset(np.zeros((3, 5, 6, 3), dtype=np.float32), filename="zeros.npz")
+    listed = data.list_datasets(store)
+    assert [entry.id for entry in listed[:4]] == list(data.BUILTIN_DATASETS)
+    assert listed[-1].id == upload.id and listed[-1].shape == [5, 6, 3] and not listed[-1].builtin
+    assert data.dataset_info(upload.id, store) == upload
+
+
+# ---------------------------------------------------------------------------------------------
+# Uploads: .npz
+# ---------------------------------------------------------------------------------------------
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def test_npz_uint8_is_scaled_and_gets_a_channel_axis() -> None:
+    pixels = np.array([[[0, 255], [51, 102]], [[1, 2], [3, 4]], [[5, 6], [7, 8]]], dtype=np.uint8)
+    pixels = np.tile(pixels, (1, 2, 2))  # 4x4 images
+    images = data.parse_uploaded_dataset("faces.NPZ", npz_bytes(x=pixels))
+    assert images.shape == (3, 4, 4, 1) and images.dtype == np.float32
+    assert images[0, 0, 1, 0] == 1.0 and images[0, 1, 0, 0] == pytest.approx(0.2)
+
+
+def test_npz_key_choice() -> None:
+    rgb = np.random.default_rng(0).random((4, 5, 5, 3)).astype(np.float64)
+    np.testing.assert_allclose(data.parse_uploaded_dataset("a.npz", npz_bytes(images=rgb)), rgb, rtol=1e-6)
+    chosen = data.parse_uploaded_dataset("a.npz", npz_bytes(labels=np.zeros(4), x=rgb))
+    assert chosen.shape == (4, 5, 5, 3)
+    with pytest.raises(InvalidDataset, match=r"key 'x' or exactly one array. Received: keys=\['a', 'b'\]"):
+        data.parse_uploaded_dataset("a.npz", npz_bytes(a=rgb, b=rgb))
+
+
+def test_npz_pickled_object_arrays_are_refused() -> None:
+    objects = np.empty((2, 4, 4), dtype=object)
+    objects[...] = 0
+    buffer = io.BytesIO()
+    np.savez(buffer, x=objects)  # stored with a pickle inside
+    with pytest.raises(InvalidDataset, match="Pickled object arrays are refused"):
+        data.parse_uploaded_dataset("evil.npz", buffer.getvalue())
+
+
+@pytest.mark.parametrize(
+    ("array", "error", "message"),
+    [
+        (np.full((3, 4, 4), np.nan, dtype=np.float32), InvalidDataset, "finite"),
+        (np.full((3, 4, 4), np.inf, dtype=np.float32), InvalidDataset, "finite"),
+        (np.full((3, 4, 4), 1.5, dtype=np.float32), InvalidDataset, r"\[0, 1\].*max=1.5"),
+        (np.full((3, 4, 4), -0.1, dtype=np.float32), InvalidDataset, "min=-0.1"),
+        (np.zeros((3, 16), dtype=np.uint8), InvalidDataset, r"Expected \(N, H, W\).*shape=\(3, 16\)"),
+        (np.zeros((3, 4, 4, 2), dtype=np.uint8), InvalidDataset, r"C in \{1, 3\}.*shape=\(3, 4, 4, 2\)"),
+        (np.zeros((3, 4, 4, 1, 1), dtype=np.uint8), InvalidDataset, "Expected"),
+        (np.zeros((3, 4, 4), dtype=np.int64), InvalidDataset, r"dtype=int64.*astype\(np.uint8\)"),
+        (np.zeros((3, 4, 4), dtype=np.complex64), InvalidDataset, "dtype=complex64"),
+        (np.zeros((1, 4, 4), dtype=np.uint8), InvalidDataset, "at least 2 images"),
+        (np.zeros((3, 2, 4), dtype=np.uint8), InvalidDataset, "too small"),
+        (np.zeros((3, 600, 4), dtype=np.uint8), PayloadTooLarge, "height and width <= 512. Received: 600x4"),
+    ],
+)
+def test_npz_validation_errors(array: np.ndarray, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        data.parse_uploaded_dataset("bad.npz", npz_bytes(x=array))
+
+
+def test_npz_limits_are_checked_from_the_header() -> None:
+    content = npz_bytes(x=np.zeros((10, 8, 8), dtype=np.uint8))
+    with pytest.raises(PayloadTooLarge, match="at most 5. Received: 10"):
+        data.parse_uploaded_dataset("many.npz", content, max_images=5)
+    with pytest.raises(PayloadTooLarge, match="at most 100 values"):
+        data.parse_uploaded_dataset("many.npz", content, max_values=100)
+
+
+@pytest.mark.parametrize(
+    ("filename", "content", "message"),
+    [
+        ("data.npz", b"not a zip at all", "Expected a valid npz"),
+        ("data.zip", b"PK\x03\x04 truncated", "Expected a valid zip"),
+        ("data.csv", b"1,2,3", r"Expected a .npz file or a .zip of PNG images. Received: filename='data.csv'"),
+        ("data.npz", b"", "empty"),
+    ],
+)
+def test_unreadable_uploads(filename: str, content: bytes, message: str) -> None:
+    with pytest.raises(InvalidDataset, match=message):
+        data.parse_uploaded_dataset(filename, content)
+
+
+# ---------------------------------------------------------------------------------------------
+# Uploads: .zip of PNGs
+# ---------------------------------------------------------------------------------------------
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def zip_bytes(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, content in files.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+def test_zip_of_grayscale_pngs() -> None:
+    first = np.zeros((6, 7), dtype=np.uint8)
+    first[0, 0] = 255
+    second = np.full((6, 7), 51, dtype=np.uint8)
+    content = zip_bytes(
+        {"b.png": png_bytes(second), "a.png": png_bytes(first), "__MACOSX/._a.png": b"junk", "dir/": b""}
+    )
+    images = data.parse_uploaded_dataset("set.zip", content)
+    assert images.shape == (2, 6, 7, 1) and images.dtype == np.float32
+    assert images[0, 0, 0, 0] == 1.0 and images[0, 1, 1, 0] == 0.0  # sorted by name: a.png first
+    assert images[1, 3, 3, 0] == pytest.approx(0.2)
+
+
+def test_zip_of_mixed_gray_and_rgb_becomes_rgb_and_16_bit_is_scaled() -> None:
+    rgb = np.zeros((5, 5, 3), dtype=np.uint8)
+    rgb[..., 0] = 255
+    gray = np.full((5, 5), 102, dtype=np.uint8)
+    images = data.parse_uploaded_dataset("m.zip", zip_bytes({"1.png": png_bytes(rgb), "2.png": png_bytes(gray)}))
+    assert images.shape == (2, 5, 5, 3)
+    np.testing.assert_allclose(images[0, 0, 0], [1.0, 0.0, 0.0])
+    np.testing.assert_allclose(images[1, 0, 0], [0.4, 0.4, 0.4], rtol=1e-6)
+
+    deep = np.full((5, 5), 65535, dtype=np.uint16)
+    deep[0, 0] = 0
+    images16 = data.parse_uploaded_dataset("d.zip", zip_bytes({"1.png": png_bytes(deep), "2.png": png_bytes(deep)}))
+    assert images16.shape == (2, 5, 5, 1)
+    assert images16[0, 0, 0, 0] == 0.0 and images16[0, 1, 1, 0] == 1.0
+
+
+def test_zip_validation_errors() -> None:
+    square = png_bytes(np.zeros((5, 5), dtype=np.uint8))
+    wide = png_bytes(np.zeros((5, 8), dtype=np.uint8))
+    with pytest.raises(InvalidDataset, match=r"same size. Expected 5x5 .*'a.png'.*Received: 5x8 in 'b.png'"):
+        data.parse_uploaded_dataset("z.zip", zip_bytes({"a.png": square, "b.png": wide}))
+    with pytest.raises(InvalidDataset, match=r"only.*Received: other files \['notes.txt'\]"):
+        data.parse_uploaded_dataset("z.zip", zip_bytes({"a.png": square, "notes.txt": b"hi"}))
+    with pytest.raises(InvalidDataset, match="decodable PNG"):
+        data.parse_uploaded_dataset("z.zip", zip_bytes({"a.png": square, "b.png": b"not a png"}))
+    jpeg = io.BytesIO()
+    Image.fromarray(np.zeros((5, 5), dtype=np.uint8)).save(jpeg, format="JPEG")
+    with pytest.raises(InvalidDataset, match="Expected PNG images. Received: 'b.png' is JPEG"):
+        data.parse_uploaded_dataset("z.zip", zip_bytes({"a.png": square, "b.png": jpeg.getvalue()}))
+    with pytest.raises(InvalidDataset, match="at least one .png"):
+        data.parse_uploaded_dataset("z.zip", zip_bytes({"__MACOSX/x": b""}))
+    with pytest.raises(PayloadTooLarge, match="at most 2. Received: 3"):
+        data.parse_uploaded_dataset("z.zip", zip_bytes({f"{i}.png": square for i in range(3)}), max_images=2)
+    with pytest.raises(PayloadTooLarge, match="height and width <= 4"):
+        data.parse_uploaded_dataset("z.zip", zip_bytes({"a.png": square, "b.png": square}), max_side=4)
+
+
+def test_zip_bomb_is_refused_before_decompressing() -> None:
+    # 64 MiB of zeros deflate to ~64 KiB; the declared size gives it away before any byte is inflated.
+    bomb = zip_bytes({"a.png": png_bytes(np.zeros((5, 5), dtype=np.uint8)), "bomb.png": bytes(64 * 1024 * 1024)})
+    assert len(bomb) < 200_000
+    with pytest.raises(PayloadTooLarge, match="bomb.png' is too large"):
+        data.parse_uploaded_dataset("bomb.zip", bomb, max_side=64)

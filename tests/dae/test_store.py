@@ -1,0 +1,260 @@
+"""ModelStore: atomic publishing, versions across processes, reference resolution, path-traversal safety, datasets."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dae import store as store_module
+from dae.errors import Conflict, DatasetNotFound, ModelNotFound
+from dae.spec import ModelCard, TrainingSpec
+from dae.store import ModelStore, atomic_write_bytes, fingerprint_pixels, new_model_id
+
+BASE_TIME = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def make_card(store: ModelStore, name: str, *, minutes: int = 0, version: int | None = None) -> ModelCard:
+    return ModelCard(
+        id=new_model_id(),
+        name=name,
+        version=version if version is not None else store.reserve_version(name),
+        created_at=BASE_TIME + timedelta(minutes=minutes),
+        spec=TrainingSpec(dataset="digits"),
+        input_shape=[None, None, 1],
+        trained_shape=[8, 8, 1],
+        parameters=123,
+    )
+
+
+def publish(store: ModelStore, name: str, *, minutes: int = 0) -> ModelCard:
+    staging = store.staging_dir()
+    (staging / "model.onnx").write_bytes(b"onnx bytes")
+    return store.publish_model(staging, make_card(store, name, minutes=minutes))
+
+
+def _reserve_many(root: str, name: str, count: int) -> list[int]:
+    store = ModelStore(root)
+    return [store.reserve_version(name) for _ in range(count)]
+
+
+def test_reserve_version_counts_up_per_name(store_dir: Path) -> None:
+    store = ModelStore(store_dir)
+    assert [store.reserve_version("alpha") for _ in range(3)] == [1, 2, 3]
+    assert store.reserve_version("beta") == 1
+    assert store.reserve_version("alpha") == 4
+
+
+def test_reserve_version_is_atomic_across_processes(store_dir: Path) -> None:
+    # spawn: fresh interpreters (no inherited TensorFlow threads), each racing for versions of the same name.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(4) as pool:
+        results = pool.starmap(_reserve_many, [(str(store_dir), "raced", 5)] * 4)
+    versions = [version for batch in results for version in batch]
+    assert sorted(versions) == list(range(1, 21))
+
+
+def test_reserve_version_rejects_bad_names(store_dir: Path) -> None:
+    store = ModelStore(store_dir)
+    for name in ("../x", "", ".hidden", "a/b", "x" * 65):
+        with pytest.raises(ValueError, match="Expected a match"):
+            store.reserve_version(name)
+    assert not (store_dir.parent / "x").exists()
+
+
+def test_publish_and_resolve_id_name_and_version(store_dir: Path) -> None:
+    store = ModelStore(store_dir)
+    first = publish(store, "shirts", minutes=1)
+    second = publish(store, "shirts", minutes=2)
+    other = publish(store, "digits-conv", minutes=3)
+
+    assert (first.version, second.version, other.version) == (1, 2, 1)
+    assert store.read_card(first.id) == first
+    assert store.read_card("shirts").id == second.id  # name -> latest version
+    assert store.read_card("shirts:1").id == first.id
+    assert store.read_card("shirts:2").id == second.id
+    assert store.read_card("digits-conv").id == other.id
+    assert store.artifact_path("shirts:1", "model.onnx").read_bytes() == b"onnx bytes"
+    assert store.artifact_path(first.id, "card.json") == store.models_dir / first.id / "card.json"
+    with pytest.raises(ModelNotFound):
+        store.read_card("shirts:3")
+    with pytest.raises(ModelNotFound):
+        store.read_card("trousers")
+    with pytest.raises(ModelNotFound, match="no history.png"):
+        store.artifact_path(first.id, "history.png")
+
+
+def test_publish_is_one_rename_and_leaves_no_temporary_files(store_dir: Path) -> None:
+    store = ModelStore(store_dir)
+    staging = store.staging_dir()
+    (staging / "model.keras").write_bytes(b"k")
+    card = make_card(store, "atomic")
+    # Until publish_model renames it, the staged model is invisible.
+    assert store.list_models() == ([], 0)
+    with pytest.raises(ModelNotFound):
+        store.read_card("atomic")
+    store.publish_model(staging, card)
+    assert not staging.exists()
+    assert sorted(os.listdir(store.models_dir / card.id)) == ["card.json", "model.keras"]
+    assert os.listdir(store.tmp_dir) == []
+    # card.json's mtime is the card's creation time: listing sorts by a stat, not by reading every card.
+    assert os.stat(store.models_dir / card.id / "card.json").st_mtime == pytest.approx(card.created_at.timestamp())
+
+
+def test_publish_refuses_a_taken_version_and_foreign_staging(store_dir: Path, tmp_path: Path) -> None:
+    store = ModelStore(store_dir)
+    first = publish(store, "dup")
+    staging = store.staging_dir()
+    with pytest.raises(Conflict, match="already published"):
+        store.publish_model(staging, make_card(store, "dup", version=first.version))
+    assert store.read_card("dup:1").id == first.id
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    with pytest.raises(ValueError, match="staging directory"):
+        store.publish_model(outside, make_card(store, "dup"))
+
+
+def test_atomic_write_keeps_old_content_when_replace_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "card.json"
+    atomic_write_bytes(target, b"old")
+
+    def failing_replace(source: str, destination: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(store_module.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["card.json"]  # the temp file was removed
+
+
+def test_list_models_newest_first_with_pagination_and_name_filter(store_dir: Path) -> None:
+    store = ModelStore(store_dir)
+    cards = [publish(store, "a" if index % 2 else "b", minutes=index) for index in range(5)]
+    page, total = store.list_models()
+    assert total == 5
+    assert [card.id for card in page] == [card.id for card in reversed(cards)]
+    page, total = store.list_models(limit=2, offset=1)
+    assert total == 5
+    assert [card.id for card in page] == [cards[3].id, cards[2].id]
+    page, total = store.list_models(name="a")
+    assert total == 2
+    assert [card.id for card in page] == [cards[3].id, cards[1].id]
+    assert store.list_models(name="missing") == ([], 0)
+    assert store.list_models(name="../etc") == ([], 0)
+    assert store.list_models(offset=10) == ([], 5)
+
+
+def test_delete_model_never_reuses_its_version(store_dir: Path) -> None:
+    store = ModelStore(store_dir)
+    first = publish(store, "gone")
+    second = publish(store, "gone", minutes=1)
+    deleted = store.delete_model("gone")  # the latest
+    assert deleted.id == second.id
+    assert not (store.models_dir / second.id).exists()
+    assert store.read_card("gone").id == first.id  # latest is version 1 again
+    with pytest.raises(ModelNotFound):
+        store.read_card(second.id)
+    with pytest.raises(ModelNotFound):
+        store.delete_model(second.id)
+    assert publish(store, "gone", minutes=2).version == 3
+    assert store.list_models()[1] == 2
+
+
+@pytest.mark.parametrize(
+    "ref",
+    [
+        "../etc/passwd",
+        "..",
+        "/etc/passwd",
+        "m_../../../etc",
+        "m_0123456789ab/../../x",
+        "m_ABCDEF123456",
+        "name:../1",
+        "name:0",
+        "name:-1",
+        "name:1:2",
+        "",
+        "a\x00b",
+        "models",
+    ],
+)
+def test_bad_model_refs_raise_not_found_and_touch_nothing_outside(store_dir: Path, ref: str) -> None:
+    store = ModelStore(store_dir)
+    publish(store, "name")
+    before = sorted(os.listdir(store_dir.parent))
+    with pytest.raises(ModelNotFound):
+        store.read_card(ref)
+    with pytest.raises(ModelNotFound):
+        store.artifact_path(ref, "card.json")
+    with pytest.raises(ModelNotFound):
+        store.delete_model(ref)
+    assert sorted(os.listdir(store_dir.parent)) == before
+    assert len(store.list_models()[0]) == 1
+
+
+def test_bad_artifact_names_and_dataset_ids_are_rejected(store_dir: Path) -> None:
+    store = ModelStore(store_dir)
+    card = publish(store, "name")
+    for artifact in ("../card.json", "../../models", "model.keras/..", "/etc/passwd"):
+        with pytest.raises(ModelNotFound, match="Unknown model artifact"):
+            store.artifact_path(card.id, artifact)
+    for dataset_id in ("../x", "ds_../../etc", "ds_0123456789ab/../x", "DS_0123456789AB", ""):
+        with pytest.raises(DatasetNotFound):
+            store.dataset_info(dataset_id)
+        with pytest.raises(DatasetNotFound):
+            store.load_dataset_images(dataset_id)
+        with pytest.raises(DatasetNotFound):
+            store.delete_dataset(dataset_id)
+    for job_id in ("../x", "a/b", "", ".."):
+        with pytest.raises(ValueError, match="checkpoint key"):
+            store.checkpoint_dir(job_id)
+    assert store.checkpoint_dir("j_0123456789abcdef") == store.checkpoints_dir / "j_0123456789abcdef"
+
+
+def test_datasets_round_trip_uint8_exactly_and_floats_as_float(store_dir: Path) -> None:
+    store = ModelStore(store_dir)
+    pixels = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1) * 7
+    images = pixels.astype(np.float32) / 255.0
+    info = store.save_dataset(images, filename="upload.npz")
+    assert info.id.startswith("ds_") and info.count == 2 and info.shape == [4, 4, 1]
+    assert info.filename == "upload.npz" and not info.builtin
+    with np.load(store.datasets_dir / f"{info.id}.npz", allow_pickle=False) as archive:
+        assert archive["x"].dtype == np.uint8  # k/255 values stored losslessly as bytes
+    np.testing.assert_array_equal(store.load_dataset_images(info.id), images)
+    assert info.fingerprint == fingerprint_pixels(pixels)
+
+    smooth = np.linspace(0, 1, 3 * 5 * 5 * 3, dtype=np.float32).reshape(3, 5, 5, 3) ** 2
+    float_info = store.save_dataset(smooth, filename=None)
+    np.testing.assert_array_equal(store.load_dataset_images(float_info.id), smooth)
+    assert {info.id, float_info.id} == {entry.id for entry in store.list_datasets()}
+    assert store.dataset_info(float_info.id) == float_info
+
+    store.delete_dataset(info.id)
+    with pytest.raises(DatasetNotFound):
+        store.dataset_info(info.id)
+    assert [entry.id for entry in store.list_datasets()] == [float_info.id]
+    assert not (store.datasets_dir / f"{info.id}.npz").exists()
+
+
+def test_empty_store_lists_nothing(store_dir: Path) -> None:
+    store = ModelStore(store_dir / "not-created-yet")
+    assert store.list_models() == ([], 0)
+    assert store.list_datasets() == []
+    with pytest.raises(ModelNotFound):
+        store.read_card("anything")
+
+
+def test_stale_staging_directories_are_removed(store_dir: Path) -> None:
+    store = ModelStore(store_dir)
+    stale, fresh = store.staging_dir(), store.staging_dir()
+    (stale / "model.keras").write_bytes(b"half written by a killed worker")
+    two_days_ago = datetime.now(UTC).timestamp() - 2 * 24 * 3600
+    os.utime(stale, (two_days_ago, two_days_ago))
+    assert store.remove_stale_temporaries() == 1
+    assert not stale.exists() and fresh.exists()
+    assert ModelStore(store_dir / "empty").remove_stale_temporaries() == 0
