@@ -1,0 +1,101 @@
+"""Settings of the gateway process, read from `DAE_*` environment variables.
+
+One `Settings` object per process, reached through `get_settings()` (cached) or, inside requests, through
+the `SettingsDep` dependency (the settings the app was created with). Tests pass `Settings(...)` explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, RedisDsn, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from dae.jobs import MAX_TASK_TIME_S
+
+#: The longest possible task plus an hour (the worker uses the same default; see worker/config.py).
+DEFAULT_VISIBILITY_TIMEOUT_S = int(MAX_TASK_TIME_S + 3600)
+
+
+def _default_intra_op_threads() -> int:
+    """Threads per onnxruntime run: half the cores (the event loop and HTTP parsing need the rest), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // 2)
+
+
+class Settings(BaseSettings):
+    """Everything the gateway can be configured with; each field maps to `DAE_<FIELD NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="DAE_", extra="ignore", frozen=True)
+
+    redis_url: RedisDsn = Field(
+        RedisDsn("redis://localhost:6379/0"), description="Redis: job records, progress events and the Celery broker."
+    )
+    store_dir: Path = Field(Path("./var/store"), description="The model store (models, datasets, checkpoints).")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Accepted X-API-Key values, comma-separated in the environment; empty turns auth off.",
+    )
+
+    # Request limits.
+    max_upload_mb: float = Field(64.0, gt=0, le=4096, description="Largest request body (uploads included), MiB.")
+    max_batch_images: int = Field(1024, ge=1, le=65536, description="Most images in one /reconstruct request.")
+    max_image_side: int = Field(2048, ge=8, le=16384, description="Longest accepted image side, pixels.")
+    max_epochs: int = Field(200, ge=1, le=1000, description="Most epochs a submitted job may ask for.")
+    max_dataset_images: int = Field(100_000, ge=1, description="Most images in an uploaded dataset.")
+
+    # Inference (service/inference.py).
+    inference_cache_size: int = Field(16, ge=1, le=1024, description="Most onnxruntime sessions kept loaded.")
+    inference_memory_budget_mib: float = Field(
+        1024.0, gt=0, description="Estimated memory all loaded sessions may take; least recently used ones go first."
+    )
+    inference_batch_max_size: int = Field(
+        64, ge=1, le=65536, description="A micro-batch closes when it holds this many images."
+    )
+    inference_batch_timeout_ms: float = Field(
+        1.0, ge=0, le=1000, description="A micro-batch closes this long after its first request arrived."
+    )
+    inference_queue_bound: int = Field(
+        4096, ge=1, description="Most images waiting or running per gateway process; above it /reconstruct answers 503."
+    )
+    inference_intra_op_threads: int = Field(
+        default_factory=_default_intra_op_threads, ge=1, le=256, description="onnxruntime threads per run."
+    )
+    inference_workers: int = Field(
+        1, ge=1, le=64, description="Micro-batches that may run at the same time (threads calling onnxruntime)."
+    )
+    retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After sent with 503 when the queue is full.")
+
+    # Celery producer. Same variable as the worker's (DAE_VISIBILITY_TIMEOUT_S), so both sides agree.
+    visibility_timeout_s: float = Field(
+        DEFAULT_VISIBILITY_TIMEOUT_S,
+        gt=0,
+        description="Redis broker visibility timeout, seconds; longer than the longest allowed job.",
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_api_keys(cls, value: Any) -> Any:
+        """Accept "key1,key2" (the environment form) as well as a list."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def max_upload_bytes(self) -> int:
+        """`max_upload_mb` in bytes."""
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def auth_enabled(self) -> bool:
+        """True when at least one API key is configured."""
+        return bool(self.api_keys)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()

@@ -1,0 +1,96 @@
+"""Request dependencies: the resources the lifespan opened, as `Annotated` types routes declare.
+
+Resources (Redis client, job store, model store, Celery producer, inference engine) are created in
+`service.main.lifespan` and kept on `app.state.resources`; nothing here opens a connection. The getters are
+`async def` on purpose: they only read app.state, and FastAPI would run plain `def` dependencies in the
+threadpool (a thread hop per dependency per request).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import redis
+from celery import Celery
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader
+
+from dae.jobs import JobStore
+from dae.store import ModelStore
+from service.config import Settings
+from service.inference import InferenceEngine
+
+API_KEY_HEADER = "X-API-Key"
+
+
+@dataclass
+class Resources:
+    """Everything the lifespan opens for one app."""
+
+    settings: Settings
+    redis: redis.Redis
+    jobs: JobStore
+    store: ModelStore
+    producer: Celery
+    inference: InferenceEngine
+
+
+async def get_resources(request: Request) -> Resources:
+    """The resources of the app serving this request."""
+    return request.app.state.resources
+
+
+async def get_app_settings(request: Request) -> Settings:
+    """The settings the app was created with (available before the lifespan ran, unlike the resources)."""
+    return request.app.state.settings
+
+
+async def get_redis(request: Request) -> redis.Redis:
+    """The Redis client of the app."""
+    return request.app.state.resources.redis
+
+
+async def get_job_store(request: Request) -> JobStore:
+    """Job records and events in Redis."""
+    return request.app.state.resources.jobs
+
+
+async def get_model_store(request: Request) -> ModelStore:
+    """The model store (models, datasets)."""
+    return request.app.state.resources.store
+
+
+async def get_producer(request: Request) -> Celery:
+    """The Celery app used only to send tasks by name."""
+    return request.app.state.resources.producer
+
+
+async def get_inference(request: Request) -> InferenceEngine:
+    """The onnxruntime session cache and micro-batcher."""
+    return request.app.state.resources.inference
+
+
+SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+RedisDep = Annotated[redis.Redis, Depends(get_redis)]
+JobStoreDep = Annotated[JobStore, Depends(get_job_store)]
+ModelStoreDep = Annotated[ModelStore, Depends(get_model_store)]
+ProducerDep = Annotated[Celery, Depends(get_producer)]
+InferenceDep = Annotated[InferenceEngine, Depends(get_inference)]
+
+# The API-key scheme as OpenAPI sees it (Swagger UI's "Authorize" button sends it with every call).
+# The check itself is done by service.middleware.ApiKeyMiddleware, before the body is read, so an
+# unauthenticated client cannot make the gateway parse a large upload; this dependency only documents it.
+api_key_scheme = APIKeyHeader(
+    name=API_KEY_HEADER,
+    scheme_name="ApiKey",
+    auto_error=False,
+    description="Required when the gateway runs with DAE_API_KEYS set; health, metrics and docs are open.",
+)
+
+
+async def document_api_key(api_key: Annotated[str | None, Security(api_key_scheme)] = None) -> None:
+    """Declares the X-API-Key security scheme on a router (enforced by the middleware)."""
+
+
+ApiKeyRequired = Security(document_api_key)

@@ -1,0 +1,78 @@
+"""Response models of the gateway that are not library contracts (those live in dae/spec.py).
+
+Pages, health reports and the error body. Request/response models of /reconstruct live next to their
+route (service/routes/reconstruct.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from dae.spec import JobRecord, ModelCard
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: a sentence saying what was expected and what was received."""
+
+    detail: str = Field(description="What went wrong: what was expected and what was received.")
+    errors: list[dict[str, Any]] | None = Field(
+        None, description="Request validation only: one entry per invalid field (loc, msg, type)."
+    )
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [{"detail": "No job with this id. Received: job_id='j_0000000000000000'"}]
+        }
+    }
+
+
+class JobList(BaseModel):
+    """One page of jobs, newest first."""
+
+    items: list[JobRecord]
+    total: int = Field(description="Jobs matching the filter, all pages.")
+    limit: int
+    offset: int
+
+
+class ModelList(BaseModel):
+    """One page of model cards, newest first."""
+
+    items: list[ModelCard]
+    total: int = Field(description="Models matching the filter, all pages.")
+    limit: int
+    offset: int
+
+
+class Liveness(BaseModel):
+    """The process is up."""
+
+    status: str = Field("ok", examples=["ok"])
+
+
+class Readiness(BaseModel):
+    """Whether the gateway can serve: Redis reachable and the store writable."""
+
+    status: str = Field(description="`ready` or `unavailable`.", examples=["ready"])
+    checks: dict[str, str] = Field(
+        description="Per dependency: `ok` or the reason it failed.", examples=[{"redis": "ok", "store": "ok"}]
+    )
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` entries documenting the JSON error body for these status codes."""
+    descriptions = {
+        400: "Bad request",
+        401: "Missing API key",
+        403: "Wrong API key",
+        404: "Not found",
+        406: "Only one image can be returned as image/png",
+        409: "Conflict with the current state",
+        413: "Request, image or upload too large",
+        415: "Unsupported request content type",
+        422: "Invalid input (says what was expected and what was received)",
+        503: "Temporarily unavailable (retry after the Retry-After seconds)",
+    }
+    return {code: {"model": ErrorBody, "description": descriptions.get(code, "Error")} for code in codes}
