@@ -110,3 +110,9 @@ def test_every_requirement_is_pinned() -> None:
             line = line.strip()
             if line and not line.startswith(("#", "-r")):
                 assert "==" in line, f"{name}: {line!r} is not pinned with =="
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = sorted(name for name in _settings_env_names() if f"`{name}`" not in readme)
+    assert not missing, f"README.md's configuration table lacks {missing}"
