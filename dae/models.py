@@ -1,0 +1,185 @@
+"""Dense and convolutional autoencoder builders.
+
+Layer names carry the structure other modules rely on: encoder layers are named `encoder_*` and the encoder's
+last layer (the code) is `code`; decoder layers are `decoder_*`; the model's output layer is `denoised`.
+The regularizers of the spec are attached per group; the encoder's activity regularizer sits on `code` and the
+decoder's on `denoised`.
+
+Conv models are fully convolutional (input `(None, None, C)`). Each stride-2 level halves H and W, so the model
+itself reflect-pads its input at the bottom/right to the next multiple of 2**levels (`PadToMultiple`) and crops
+the output back to the input's size (`CropToReference`): any image at least 2**levels pixels on a side goes in,
+and the same size comes out, at training and at serving time (also through ONNX). The output activation is a
+separate last layer, after the crop, so a sigmoid output keeps its logits for a stable cross-entropy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from dae.losses import check_loss_matches_output
+from dae.regularizers import GroupRegularizers, LayerGroup, build_group_regularizers
+from dae.spec import TrainingSpec, check_spec_for_images
+
+CODE_LAYER_NAME = "code"
+OUTPUT_LAYER_NAME = "denoised"
+
+
+@keras.saving.register_keras_serializable(package="dae")
+class PadToMultiple(keras.layers.Layer):
+    """Reflect-pads H and W (at the bottom and right) up to the next multiple of `multiple`."""
+
+    def __init__(self, multiple: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if int(multiple) < 1:
+            raise ValueError(
+                f"PadToMultiple needs a positive multiple. Expected multiple >= 1. Received: multiple={multiple}"
+            )
+        self.multiple = int(multiple)
+
+    def call(self, inputs: Any) -> Any:
+        if self.multiple == 1:
+            return inputs
+        shape = tf.shape(inputs)
+        # (m - h % m) % m rather than (-h) % m: ONNX converts a floor-mod of a negative number as fmod.
+        pad_height = (self.multiple - shape[1] % self.multiple) % self.multiple
+        pad_width = (self.multiple - shape[2] % self.multiple) % self.multiple
+        paddings = tf.stack([[0, 0], [0, pad_height], [0, pad_width], [0, 0]])
+        return tf.pad(inputs, paddings, mode="REFLECT")
+
+    def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
+        def padded(size: int | None) -> int | None:
+            return None if size is None else -(-size // self.multiple) * self.multiple
+
+        return (input_shape[0], padded(input_shape[1]), padded(input_shape[2]), input_shape[3])
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "multiple": self.multiple}
+
+
+@keras.saving.register_keras_serializable(package="dae")
+class CropToReference(keras.layers.Layer):
+    """Crops `[x, reference]` to x[:, :H_ref, :W_ref, :] (undoes `PadToMultiple`)."""
+
+    def call(self, inputs: Sequence[Any]) -> Any:
+        values, reference = inputs
+        reference_shape = tf.shape(reference)
+        return values[:, : reference_shape[1], : reference_shape[2], :]
+
+    def compute_output_shape(self, input_shape: Sequence[Sequence[int | None]]) -> tuple[int | None, ...]:
+        values_shape, reference_shape = input_shape
+        return (values_shape[0], reference_shape[1], reference_shape[2], values_shape[3])
+
+
+def _weight_regularizers(regularizers: GroupRegularizers) -> dict[str, Any]:
+    return {"kernel_regularizer": regularizers.kernel, "bias_regularizer": regularizers.bias}
+
+
+def _check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
+    if len(image_shape) != 3 or any(int(size) < 1 for size in image_shape):
+        raise ValueError(
+            "build_autoencoder needs the shape of one image. Expected (H, W, C) with positive sizes. "
+            f"Received: image_shape={tuple(image_shape)}"
+        )
+    height, width, channels = (int(size) for size in image_shape)
+    return height, width, channels
+
+
+def build_autoencoder(spec: TrainingSpec, image_shape: tuple[int, int, int]) -> keras.Model:
+    """Build the (uncompiled) autoencoder the spec describes for images of `image_shape` = (H, W, C).
+
+    Raises InvalidSpec when the spec cannot run on such images (conv deeper than the image allows,
+    cross-entropy on a linear output).
+    """
+    height, width, channels = _check_image_shape(image_shape)
+    check_spec_for_images(spec, (height, width, channels))
+    check_loss_matches_output(spec)
+    encoder_regularizers = build_group_regularizers(spec.regularization, "encoder")
+    decoder_regularizers = build_group_regularizers(spec.regularization, "decoder")
+    if spec.architecture.type == "conv":
+        return _build_conv(spec, channels, encoder_regularizers, decoder_regularizers)
+    return _build_dense(spec, (height, width, channels), encoder_regularizers, decoder_regularizers)
+
+
+def _build_conv(
+    spec: TrainingSpec, channels: int, encoder: GroupRegularizers, decoder: GroupRegularizers
+) -> keras.Model:
+    architecture = spec.architecture
+    inputs = keras.Input(shape=(None, None, channels), name="noisy")
+    x = PadToMultiple(architecture.downsampling_factor, name="pad_to_multiple")(inputs)
+    for level, filters in enumerate(architecture.filters, start=1):
+        is_code = level == len(architecture.filters)
+        x = keras.layers.Conv2D(
+            filters,
+            architecture.kernel_size,
+            strides=2,
+            padding="same",
+            activation=architecture.activation,
+            activity_regularizer=encoder.activity if is_code else None,
+            name=CODE_LAYER_NAME if is_code else f"encoder_conv_{level}",
+            **_weight_regularizers(encoder),
+        )(x)
+    for level, filters in enumerate(reversed(architecture.filters), start=1):
+        x = keras.layers.Conv2DTranspose(
+            filters,
+            architecture.kernel_size,
+            strides=2,
+            padding="same",
+            activation=architecture.activation,
+            name=f"decoder_deconv_{level}",
+            **_weight_regularizers(decoder),
+        )(x)
+    x = keras.layers.Conv2D(
+        channels, architecture.kernel_size, padding="same", name="decoder_output", **_weight_regularizers(decoder)
+    )(x)
+    x = CropToReference(name="crop_to_input")([x, inputs])
+    outputs = keras.layers.Activation(
+        architecture.output_activation, activity_regularizer=decoder.activity, name=OUTPUT_LAYER_NAME
+    )(x)
+    return keras.Model(inputs, outputs, name="conv_autoencoder")
+
+
+def _build_dense(
+    spec: TrainingSpec, image_shape: tuple[int, int, int], encoder: GroupRegularizers, decoder: GroupRegularizers
+) -> keras.Model:
+    architecture = spec.architecture
+    height, width, channels = image_shape
+    inputs = keras.Input(shape=image_shape, name="noisy")
+    x = keras.layers.Flatten(name="flatten")(inputs)
+    for level, units in enumerate(architecture.hidden_units, start=1):
+        x = keras.layers.Dense(
+            units, activation=architecture.activation, name=f"encoder_dense_{level}", **_weight_regularizers(encoder)
+        )(x)
+    x = keras.layers.Dense(
+        architecture.latent_dim,
+        activation=architecture.activation,
+        activity_regularizer=encoder.activity,
+        name=CODE_LAYER_NAME,
+        **_weight_regularizers(encoder),
+    )(x)
+    for level, units in enumerate(reversed(architecture.hidden_units), start=1):
+        x = keras.layers.Dense(
+            units, activation=architecture.activation, name=f"decoder_dense_{level}", **_weight_regularizers(decoder)
+        )(x)
+    x = keras.layers.Dense(height * width * channels, name="decoder_output", **_weight_regularizers(decoder))(x)
+    x = keras.layers.Reshape(image_shape, name="reshape")(x)
+    outputs = keras.layers.Activation(
+        architecture.output_activation, activity_regularizer=decoder.activity, name=OUTPUT_LAYER_NAME
+    )(x)
+    return keras.Model(inputs, outputs, name="dense_autoencoder")
+
+
+def layers_in_group(model: keras.Model, group: LayerGroup) -> list[keras.layers.Layer]:
+    """The layers of the encoder (`encoder_*` and `code`) or of the decoder (`decoder_*`) that hold weights."""
+    if group not in ("encoder", "decoder"):
+        raise ValueError(f"Unknown layer group. Expected 'encoder' or 'decoder'. Received: group={group!r}")
+
+    def belongs(layer: keras.layers.Layer) -> bool:
+        if group == "encoder":
+            return layer.name == CODE_LAYER_NAME or layer.name.startswith("encoder_")
+        return layer.name.startswith("decoder_")
+
+    return [layer for layer in model.layers if belongs(layer) and layer.weights]
