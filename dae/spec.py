@@ -175,10 +175,10 @@ class OptimizerSpec(_Strict):
     """Optimizer, learning rate and its schedule."""
 
     type: Literal["adam", "sgd", "rmsprop"] = "adam"
-    learning_rate: float = Field(1e-3, gt=0, le=10)
+    learning_rate: float = Field(2e-3, gt=0, le=10)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd: momentum; rmsprop: momentum.")
     schedule: Literal["constant", "inverse_time", "exponential", "cosine"] = Field(
-        "constant",
+        "cosine",
         description=(
             "`constant`; `inverse_time`: lr₀/(1 + decay_rate·step/decay_steps); `exponential`: "
             "lr₀·decay_rate^(step/decay_steps); `cosine`: cosine decay to 0 over the whole run."
@@ -237,8 +237,8 @@ class TrainingSpec(_Strict):
     regularization: RegularizationSpec = Field(default_factory=RegularizationSpec)
     noise: NoiseSpec = Field(default_factory=NoiseSpec)
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
-    epochs: int = Field(10, ge=1, le=MAX_EPOCHS)
-    batch_size: int = Field(128, ge=1, le=MAX_BATCH_SIZE)
+    epochs: int = Field(3, ge=1, le=MAX_EPOCHS)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH_SIZE)
     validation_split: float = Field(0.1, ge=0, lt=0.5, description="Fraction of the training split held out for val_loss.")
     early_stopping_patience: int | None = Field(
         None, ge=1, le=MAX_EPOCHS, description="Stop after this many epochs without a better val_loss; restores the best weights."

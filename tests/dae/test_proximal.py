@@ -108,7 +108,7 @@ def test_seeds_experiment_proximal_l1_gives_exact_zeros_and_the_penalty_does_not
                     "decoder": {"kernel": {"l1": strength}},
                     "l1_method": method,
                 },
-                "optimizer": {"type": "sgd", "learning_rate": 1.0, "momentum": 0.0},
+                "optimizer": {"type": "sgd", "learning_rate": 1.0, "momentum": 0.0, "schedule": "constant"},
                 "noise": {"level": 0.2},
                 "epochs": 3,
                 "batch_size": 16,
