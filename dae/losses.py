@@ -12,8 +12,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from dae.errors import InvalidSpec
-from dae.spec import LossSpec, TrainingSpec
+from dae.spec import LossSpec
 
 _REDUCTION = "sum_over_batch_size"
 
@@ -161,15 +160,3 @@ def build_loss(loss_spec: LossSpec) -> keras.losses.Loss:
         f"Received: loss.type={loss_spec.type!r}"
     )
 
-
-def check_loss_matches_output(spec: TrainingSpec) -> None:
-    """Reject binary cross-entropy on a linear output: it needs probabilities in (0, 1).
-
-    A linear output outside (0, 1) gets a clipped, zero-gradient cross-entropy and the model does not learn.
-    """
-    if spec.loss.type == "binary_crossentropy" and spec.architecture.output_activation != "sigmoid":
-        raise InvalidSpec(
-            "loss.type='binary_crossentropy' compares probabilities, so the output must be a sigmoid. "
-            "Expected architecture.output_activation='sigmoid' (or another loss). "
-            f"Received: output_activation={spec.architecture.output_activation!r}"
-        )

@@ -20,7 +20,6 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from dae.losses import check_loss_matches_output
 from dae.regularizers import GroupRegularizers, LayerGroup, build_group_regularizers
 from dae.spec import TrainingSpec, check_spec_for_images
 
@@ -91,12 +90,10 @@ def _check_image_shape(image_shape: Sequence[int]) -> tuple[int, int, int]:
 def build_autoencoder(spec: TrainingSpec, image_shape: tuple[int, int, int]) -> keras.Model:
     """Build the (uncompiled) autoencoder the spec describes for images of `image_shape` = (H, W, C).
 
-    Raises InvalidSpec when the spec cannot run on such images (conv deeper than the image allows,
-    cross-entropy on a linear output).
+    Raises InvalidSpec when the spec cannot run on such images (conv deeper than the image allows).
     """
     height, width, channels = _check_image_shape(image_shape)
     check_spec_for_images(spec, (height, width, channels))
-    check_loss_matches_output(spec)
     encoder_regularizers = build_group_regularizers(spec.regularization, "encoder")
     decoder_regularizers = build_group_regularizers(spec.regularization, "decoder")
     if spec.architecture.type == "conv":

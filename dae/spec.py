@@ -249,6 +249,18 @@ class TrainingSpec(_Strict):
     )
 
 
+    @model_validator(mode="after")
+    def _cross_entropy_needs_sigmoid(self) -> TrainingSpec:
+        # A linear output outside (0, 1) gets a clipped, zero-gradient cross-entropy and never learns.
+        if self.loss.type == "binary_crossentropy" and self.architecture.output_activation != "sigmoid":
+            raise ValueError(
+                "loss.type='binary_crossentropy' compares probabilities, so the output must be a sigmoid. "
+                "Expected architecture.output_activation='sigmoid' (or another loss). "
+                f"Received: output_activation={self.architecture.output_activation!r}"
+            )
+        return self
+
+
 def check_spec_for_images(spec: TrainingSpec, image_shape: tuple[int, ...]) -> None:
     """Check the parts of a spec that depend on the dataset's image shape (H, W, C).
 

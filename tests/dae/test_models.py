@@ -108,8 +108,6 @@ def test_proximal_spec_builds_kernels_without_an_l1_penalty():
 def test_specs_the_images_cannot_take_are_rejected():
     with pytest.raises(InvalidSpec, match=r"filters"):
         build_autoencoder(_spec(architecture={**CONV, "filters": [4, 4, 4, 4]}), (8, 8, 1))
-    with pytest.raises(InvalidSpec, match=r"output_activation"):
-        build_autoencoder(_spec(loss={"type": "binary_crossentropy"}), (8, 8, 1))
     with pytest.raises(ValueError, match=r"Received: image_shape=\(8, 8\)"):
         build_autoencoder(_spec(), (8, 8))
 
