@@ -505,6 +505,13 @@ class _TrainingRun:
             if stop_reason is None:
                 stop_reason = self._finish_epoch(epoch)
         stop_reason = stop_reason or "completed"
+        if stop_reason == "timeout" and not self.state.history:
+            # Publishing a model that never finished an epoch would hand users noise with a model card.
+            raise TrainingFailed(
+                f"the time budget ran out before the first epoch finished (max_runtime_s={self.spec.max_runtime_s:g}). "
+                "Expected at least one full epoch: raise max_runtime_s, or train on fewer images (max_train_images) "
+                "or a smaller model."
+            )
         if stop_reason != "cancelled":
             self._keep_best_weights(stop_reason)
             if self.state.history:

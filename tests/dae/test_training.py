@@ -203,10 +203,9 @@ def test_cancellation_stops_within_the_epoch(digits, monkeypatch):
     assert int(result.model.optimizer.iterations) == 2 < STEPS_PER_EPOCH
 
 
-def test_timeout_keeps_the_result(digits):
-    result = fit_autoencoder(_spec(max_runtime_s=0.001), digits)
-    assert result.stop_reason == "timeout"
-    assert result.epochs_completed == 0 and result.model is not None
+def test_timeout_before_the_first_epoch_fails_with_a_reason(digits):
+    with pytest.raises(TrainingFailed, match=r"before the first epoch finished \(max_runtime_s=0.001\)"):
+        fit_autoencoder(_spec(max_runtime_s=0.001), digits)
 
 
 def test_early_stopping_restores_the_best_epoch(digits, tmp_path: Path, monkeypatch):
