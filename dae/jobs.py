@@ -196,7 +196,7 @@ class JobStore:
             pipe.zadd(self.index_key(JobState.queued), {record.id: score})
             if idem_key is not None:
                 pipe.set(idem_key, json.dumps({"job_id": record.id, "spec_sha256": fingerprint}), ex=IDEMPOTENCY_TTL_S)
-            self._add_event(pipe, record.id, _state_event(record))
+            self._add_event(pipe, record.id, state_event(record))
             return record, True
 
         watched = [idem_key] if idem_key is not None else []
@@ -411,7 +411,7 @@ class JobStore:
                 score = current.created_at.timestamp()
                 pipe.zrem(self.index_key(current.state), job_id)
                 pipe.zadd(self.index_key(result.state), {job_id: score})
-                self._add_event(pipe, job_id, _state_event(result))
+                self._add_event(pipe, job_id, state_event(result))
             return result
 
         return self._transaction(attempt, key)
@@ -436,7 +436,7 @@ class JobStore:
         pipe.xadd(self.events_key(job_id), {"data": json.dumps(payload)}, maxlen=EVENTS_MAXLEN, approximate=True)
 
 
-def _state_event(record: JobRecord) -> dict[str, Any]:
+def state_event(record: JobRecord) -> dict[str, Any]:
     """The payload of a "state" event: what a live client needs without reading the record."""
     return {
         "type": "state",

@@ -15,7 +15,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from dae.data import BUILTIN_DATASETS, dataset_info
 from dae.errors import DaeError, DatasetNotFound, DatasetUnavailable, InvalidSpec
-from dae.jobs import EVENT_ID_PATTERN, TRAIN_QUEUE, TRAIN_TASK_NAME, task_time_limits
+from dae.jobs import EVENT_ID_PATTERN, TRAIN_QUEUE, TRAIN_TASK_NAME, state_event, task_time_limits
 from dae.spec import JobRecord, JobState, TrainingSpec, check_spec_for_images
 from dae.store import ModelStore
 from service.config import Settings
@@ -179,7 +179,7 @@ async def stream_job_events(
             if record.state.is_terminal:
                 # Everything up to the end was sent before Last-Event-ID (or the stream was trimmed): close
                 # with the final state instead of waiting for events that will never come.
-                yield ServerSentEvent(event="state", data=_final_state_payload(record))
+                yield ServerSentEvent(event="state", data=state_event(record))
                 return
             events = await anyio.to_thread.run_sync(jobs.read_events, job.id, cursor, EVENTS_BLOCK_MS, limiter=limiter)
         for event_id, payload in events:
@@ -187,15 +187,3 @@ async def stream_job_events(
             yield ServerSentEvent(id=event_id, event=str(payload.get("type", "message")), data=payload)
             if payload.get("type") == "state" and JobState(payload["state"]).is_terminal:
                 return
-
-
-def _final_state_payload(record: JobRecord) -> dict:
-    return {
-        "type": "state",
-        "state": record.state.value,
-        "attempts": record.attempts,
-        "epoch": record.progress.epoch if record.progress else 0,
-        "model_id": record.model_id,
-        "failure_reason": record.failure_reason,
-        "stop_reason": record.stop_reason,
-    }

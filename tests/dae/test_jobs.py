@@ -176,7 +176,7 @@ def test_idempotency_same_spec_same_job_different_spec_conflict(jobs: JobStore) 
     again, created_again = jobs.create(tiny_spec(), idempotency_key=key)
     assert created and not created_again and again.id == first.id
     # Defaults spelled out are the same spec.
-    explicit = tiny_spec(batch_size=128, seed=0)
+    explicit = tiny_spec(batch_size=TrainingSpec.model_fields["batch_size"].default, seed=0)
     assert spec_fingerprint(explicit) == spec_fingerprint(tiny_spec())
     assert jobs.create(explicit, idempotency_key=key)[0].id == first.id
     with pytest.raises(Conflict) as raised:
