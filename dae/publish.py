@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,16 +71,23 @@ def publish_training_result(
     model = result.model
     data = result.data
     staging = store.staging_dir()
+    seconds: dict[str, float] = {}  # per step, logged: where a job's time after training goes
     try:
+        clock = time.perf_counter()
         model.save(staging / "model.keras")
+        clock = _lap(seconds, "save", clock)
         onnx_max_abs_diff = export_onnx(model, staging / "model.onnx", real_images=data.test, seed=spec.seed)
+        clock = _lap(seconds, "export", clock)
         # The worker process runs one job at a time: let onnxruntime use the cores it has.
         predict = onnx_predictor(staging / "model.onnx", threads=min(4, os.cpu_count() or 1))
         evaluation = evaluate_denoiser(predict, data.test, spec.noise, seed=spec.seed)
+        clock = _lap(seconds, "evaluation", clock)
         sparsity = sparsity_report(model, data.test)
+        clock = _lap(seconds, "sparsity", clock)
         write_history_plot(result.history, staging / "history.png", title=default_model_name(spec))
         sample_clean = select_test_images(data.test, spec.seed)[:SAMPLE_IMAGES]
         write_samples_plot(sample_clean, spec.noise, predict, staging / "samples.png", seed=spec.seed)
+        _lap(seconds, "plots", clock)
 
         name = default_model_name(spec)
         # Reserved only once every artifact is in place, so failed exports do not use up versions.
@@ -114,8 +122,18 @@ def publish_training_result(
     except BaseException:
         store.discard_staging(staging)
         raise
-    logger.info("model %s published as %s v%d", published.id, published.name, published.version)
+    logger.info(
+        "model %s published as %s v%d; seconds: %s", published.id, published.name, published.version,
+        ", ".join(f"{step} {value:.2f}" for step, value in seconds.items()),
+    )
     return published
+
+
+def _lap(seconds: dict[str, float], step: str, since: float) -> float:
+    """Record the time since `since` as `step`; returns now."""
+    now = time.perf_counter()
+    seconds[step] = now - since
+    return now
 
 
 # ---------------------------------------------------------------------------------------------
