@@ -28,18 +28,35 @@ Why these settings:
   the OS, so a fresh child per job keeps a worker's footprint flat. Each fresh child pays the TensorFlow import
   (~5 s); tests and small-job deployments raise it.
 - TensorFlow is never imported here or in worker/tasks.py at import time: the prefork pool forks children from
-  the main process, and TensorFlow's thread pools do not survive a fork. Tasks import dae.training inside the
-  task body, i.e. in the child.
+  the main process, and TensorFlow's thread pools do not survive a fork. A fresh pool child imports it right
+  after the fork (`worker_process_init`, see preload_training_modules): TensorFlow, Keras, the ONNX converter,
+  scikit-image and matplotlib take ~5-7 s to import on 2 cores, and a process's first ONNX export ~1 s more than
+  later ones; a child that pays both before a job arrives takes that time off the job (measured by bench/train.py). With one job per child the replacement child is
+  forked as the previous job ends, so it preloads while the worker waits for the next job. The child signals
+  that it is up only after the preload, hence `worker_proc_alive_timeout` (Celery's default, 4 s, would kill and
+  replace a child still importing, forever). The task body still imports what it uses (a no-op when preloaded).
 - No result backend: the job record in Redis (dae.jobs) is the task's state and result.
 """
 
 from __future__ import annotations
 
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
 from celery import Celery
+from celery.signals import worker_process_init
 
 from dae.jobs import MAX_TASK_TIME_S, TASK_OVERHEAD_S, TRAIN_QUEUE, TRAIN_TASK_NAME
 from dae.spec import MAX_RUNTIME_S
 from worker.config import WorkerSettings, get_settings
+
+logger = logging.getLogger(__name__)
+
+#: Seconds a new pool child may take to report that it is up, its preload included.
+PROCESS_START_TIMEOUT_S = 180.0
 
 
 def create_app(settings: WorkerSettings) -> Celery:
@@ -73,9 +90,62 @@ def create_app(settings: WorkerSettings) -> Celery:
         task_soft_time_limit=MAX_RUNTIME_S + TASK_OVERHEAD_S,
         task_time_limit=MAX_TASK_TIME_S,
         worker_send_task_events=False,
+        worker_proc_alive_timeout=PROCESS_START_TIMEOUT_S,
         worker_hijack_root_logger=True,
     )
     return app
 
 
 app = create_app(get_settings())
+
+
+def preload_training_modules() -> None:
+    """Import everything a training job imports lazily: TensorFlow/Keras and dae.training, the ONNX export path
+    (tf2onnx, onnxruntime), scikit-image's denoisers and matplotlib's Agg canvas (evaluation and plots); run one
+    TensorFlow op so its runtime (devices, thread pools) is initialised too; and read the default dataset's local
+    Fashion-MNIST files into dae.data's memo (55 MB of uint8; ~0.5 s per job otherwise), never downloading anything.
+    Only ever call it in a pool child.
+    """
+    import matplotlib.backends.backend_agg  # noqa: F401, PLC0415 - plots (dae.publish)
+    import matplotlib.figure  # noqa: F401, PLC0415
+    import onnxruntime  # noqa: F401, PLC0415 - the export check and the evaluation (dae.export)
+    import skimage.restoration  # noqa: F401, PLC0415 - TV and NL-means baselines (dae.metrics)
+    import tensorflow as tf  # noqa: PLC0415
+    import tf2onnx  # noqa: F401, PLC0415 - Keras' ONNX export
+
+    import dae.publish  # noqa: F401, PLC0415
+    import dae.training  # noqa: F401, PLC0415
+
+    tf.zeros((1,)) + 1.0  # noqa: B018 - initialises the eager runtime
+    from dae.data import FASHION_MNIST_DIR, load_fashion_mnist_pixels  # noqa: PLC0415
+
+    if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        load_fashion_mnist_pixels(FASHION_MNIST_DIR)
+    _warm_up_export()
+
+
+def _warm_up_export() -> None:
+    """Export a toy model once through dae.export: a process's first export pays ~0.5-1 s of one-time set-up
+    (Keras' export tracing, tf2onnx's handlers, TensorFlow's graph optimizer) that later ones do not."""
+    import keras  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from dae.export import export_onnx  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="dae-warm-up-") as directory:
+        inputs = keras.Input((8, 8, 1))
+        toy = keras.Model(inputs, keras.layers.Conv2D(1, 3, padding="same")(inputs))
+        export_onnx(toy, Path(directory) / "toy.onnx", real_images=np.zeros((2, 8, 8, 1), np.float32))
+    keras.backend.clear_session()  # forget the toy (layer name counters, graphs): a job starts from a clean state
+
+
+@worker_process_init.connect
+def _preload_in_pool_child(**_: Any) -> None:
+    """worker_process_init handler: preload in the fresh child; a failure only costs the job the import time."""
+    started = time.monotonic()
+    try:
+        preload_training_modules()
+    except Exception:  # the task imports again and reports any real error as the job's failure
+        logger.exception("pool child could not preload the training modules")
+        return
+    logger.info("pool child preloaded TensorFlow and the training code in %.1f s", time.monotonic() - started)
