@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -42,7 +43,7 @@ import onnxruntime as ort
 
 from dae.errors import InvalidImage, Overloaded
 from dae.spec import ModelCard
-from dae.store import ModelStore, is_model_id
+from dae.store import CARD_FILE, ModelStore, is_model_id
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +261,7 @@ class InferenceEngine:
         self._load_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dae-onnx-load")
         self._loading: dict[str, asyncio.Future] = {}
         self._names: dict[str, tuple[str, float]] = {}  # name or name:version -> (model id, expiry)
+        self._card_paths: dict[str, str] = {}  # model id -> path of its card.json
         self._lanes: dict[tuple[str, int, int], _Lane] = {}
         self._ready: deque[tuple[str, int, int]] = deque()
         self._running = 0
@@ -286,16 +288,28 @@ class InferenceEngine:
         return await asyncio.shield(pending)
 
     def _resolve(self, ref: str) -> str:
-        if not is_model_id(ref):
-            cached = self._names.get(ref)
-            if cached is not None and cached[1] > time.monotonic():
-                return self.store.resolve_model_id(cached[0])  # still published? (ModelNotFound otherwise)
+        if is_model_id(ref):
+            if self._is_published(ref):
+                return ref
+            return self.store.resolve_model_id(ref)  # ModelNotFound, with the store's message
+        cached = self._names.get(ref)
+        if cached is not None and cached[1] > time.monotonic() and self._is_published(cached[0]):
+            return cached[0]
         model_id = self.store.resolve_model_id(ref)
         if model_id != ref:
             if len(self._names) >= NAME_CACHE_SIZE:
                 self._names.clear()
             self._names[ref] = (model_id, time.monotonic() + NAME_CACHE_TTL_S)
         return model_id
+
+    def _is_published(self, model_id: str) -> bool:
+        """Whether the model's card is on disk: ModelStore.resolve_model_id's test, as one stat of a cached path."""
+        path = self._card_paths.get(model_id)
+        if path is None:
+            if len(self._card_paths) >= NAME_CACHE_SIZE:
+                self._card_paths.clear()
+            path = self._card_paths[model_id] = os.path.join(self.store.models_dir, model_id, CARD_FILE)
+        return os.path.isfile(path)
 
     def _load(self, model_id: str) -> LoadedModel:
         cached = self.cache.get(model_id)  # loaded by an earlier queued load

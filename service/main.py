@@ -7,6 +7,7 @@ every DaeError by its status_code, request validation as 422, all as JSON `{"det
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -80,6 +81,25 @@ def make_producer(settings: Settings) -> Celery:
     return producer
 
 
+_startup_objects_frozen = False
+
+
+def freeze_startup_objects() -> None:
+    """Move everything created so far out of the garbage collector's reach, once per process.
+
+    Modules, the app, its routes and pydantic models (~100k objects) live as long as the process. Left in the
+    collector's generations, each full collection walks all of them (~50 ms on 2 cores) and stalls every request
+    in flight: measured with bench/serve.py, p99 at 32 concurrent /reconstruct calls went from ~125 ms to ~45 ms.
+    Once per process, so test sessions that start many apps pay the collection once.
+    """
+    global _startup_objects_frozen
+    if _startup_objects_frozen:
+        return
+    gc.collect()
+    gc.freeze()
+    _startup_objects_frozen = True
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Open the app's resources (the only place that connects to anything) and close them at shutdown."""
@@ -113,6 +133,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         "session_bytes": inference.cache.total_bytes,
         "queued": inference.queued_images,
     }
+    freeze_startup_objects()
     logger.info("gateway ready (store %s, redis %s)", store.root, settings.redis_url)
     try:
         yield

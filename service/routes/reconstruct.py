@@ -15,7 +15,8 @@ with just the denoised PNG and the mean L1 error in the `X-Mean-L1-Error` header
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -23,6 +24,7 @@ import numpy as np
 from anyio import to_thread
 from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -45,11 +47,28 @@ from service.images import (
     pixels_to_array,
     to_channels,
 )
-from service.inference import LoadedModel
+from service.inference import InferenceEngine, LoadedModel
 from service.responses import OrjsonResponse
 from service.schemas import error_responses
 
-router = APIRouter(tags=["reconstruct"], dependencies=[ApiKeyRequired])
+
+class ReconstructRoute(APIRoute):
+    """The /reconstruct route: documented by FastAPI like any route, served by a lean handler (serve_reconstruct).
+
+    Per request FastAPI resolves an endpoint's dependencies and parameters one by one (here the settings, the
+    inference engine, the API-key scheme and three query parameters): measured at ~0.3 ms on a 2-core machine,
+    more than denoising a 28x28 image takes. serve_reconstruct reads the very same inputs directly: the settings and
+    the inference engine from app.state (exactly what SettingsDep and InferenceDep return; dependency_overrides do
+    not apply to this route), the query parameters through ReconstructQuery (same types, defaults and 422 errors
+    located at ("query", name)), and nothing for the API key, which ApiKeyMiddleware has already checked
+    (ApiKeyRequired only documents it). The endpoint's signature still defines the OpenAPI operation.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        return serve_reconstruct
+
+
+router = APIRouter(tags=["reconstruct"], dependencies=[ApiKeyRequired], route_class=ReconstructRoute)
 
 #: Decoding and encoding move to a worker thread above this many pixel values (or body bytes), so one big
 #: request does not stall every other request on the event loop; small ones stay inline (a thread hop costs ~50 µs).
@@ -149,9 +168,8 @@ class ReconstructRequest(_ImageSources):
 
     def to_call(self) -> ParsedCall:
         """The call with its inputs and references as lists, in order."""
-        inputs = self.images if self.images is not None else [
-            ImageInput(image=self.image, pixels=self.pixels, array=self.array)
-        ]
+        # One image: the request itself holds its source (image | pixels | array), as an ImageInput would.
+        inputs = self.images if self.images is not None else [self]
         clean = None if self.clean is None else (self.clean if isinstance(self.clean, list) else [self.clean])
         return ParsedCall(model=self.model, inputs=list(inputs), clean=clean, add_noise=self.add_noise)
 
@@ -161,8 +179,8 @@ class ParsedCall:
     """A /reconstruct call from either body type: sources are ImageInput objects or uploaded file bytes."""
 
     model: str
-    inputs: list[ImageInput | bytes]
-    clean: list[ImageInput | bytes] | None
+    inputs: list[_ImageSources | bytes]
+    clean: list[_ImageSources | bytes] | None
     add_noise: AddNoise | None
 
 
@@ -225,6 +243,43 @@ OutputFormat = Literal["png", "array", "f32"]
 ErrorFormat = Literal["json", "f32", "png", "none"]
 
 
+class ReconstructQuery(BaseModel):
+    """The query parameters of POST /reconstruct (documented on the endpoint's signature)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    format: OutputFormat = "png"
+    error_format: ErrorFormat = "json"
+    heatmap: bool = True
+
+
+_DEFAULT_QUERY = ReconstructQuery()
+#: Valid query strings seen lately and what they mean: clients repeat the same few, and parsing plus validating
+#: one costs ~40 µs, a tenth of a whole 28x28 request. Bounded; cleared when full.
+_QUERY_CACHE: dict[bytes, ReconstructQuery] = {}
+_QUERY_CACHE_SIZE = 256
+
+
+def read_query(request: Request) -> ReconstructQuery:
+    """The validated query parameters (the last value of a repeated one, as FastAPI takes); 422 when invalid."""
+    query_string = request.scope.get("query_string", b"")
+    if not query_string:
+        return _DEFAULT_QUERY
+    cached = _QUERY_CACHE.get(query_string)
+    if cached is not None:
+        return cached
+    parameters = request.query_params
+    values = {name: parameters[name] for name in ReconstructQuery.model_fields if name in parameters}
+    try:
+        query = ReconstructQuery.model_validate(values) if values else _DEFAULT_QUERY
+    except ValidationError as error:
+        raise RequestValidationError(_located(error, "query")) from None
+    if len(_QUERY_CACHE) >= _QUERY_CACHE_SIZE:
+        _QUERY_CACHE.clear()
+    _QUERY_CACHE[query_string] = query
+    return query
+
+
 # ---------------------------------------------------------------------------------------------
 # Request parsing
 # ---------------------------------------------------------------------------------------------
@@ -244,17 +299,17 @@ async def read_request(request: Request) -> ParsedCall:
     try:
         return ReconstructRequest.model_validate_json(body).to_call()
     except ValidationError as error:
-        raise RequestValidationError(_in_body(error)) from None
+        raise RequestValidationError(_located(error, "body")) from None
 
 
-def _in_body(error: ValidationError, field_prefix: str = "") -> list[dict[str, Any]]:
-    """Pydantic errors located like FastAPI's own body errors ("body", field, ...)."""
+def _located(error: ValidationError, where: str, field_prefix: str = "") -> list[dict[str, Any]]:
+    """Pydantic errors located like FastAPI's own errors: (where, field, ...) with where "body" or "query"."""
     entries = []
     for entry in error.errors(include_url=False, include_context=False):
         location = list(entry["loc"])
         if location and field_prefix:
             location[0] = f"{field_prefix}{location[0]}"
-        entries.append({**entry, "loc": ("body", *location)})
+        entries.append({**entry, "loc": (where, *location)})
     return entries
 
 
@@ -281,7 +336,7 @@ async def _read_multipart(request: Request) -> ParsedCall:
         try:
             noise = AddNoise.model_validate(fields)
         except ValidationError as error:
-            raise RequestValidationError(_in_body(error, field_prefix="noise_")) from None
+            raise RequestValidationError(_located(error, "body", field_prefix="noise_")) from None
     clean = [files["clean"]] if "clean" in files else None
     return ParsedCall(model=model_ref[:200], inputs=[files["file"]], clean=clean, add_noise=noise)
 
@@ -291,7 +346,7 @@ async def _read_multipart(request: Request) -> ParsedCall:
 # ---------------------------------------------------------------------------------------------
 
 
-def decode_all(sources: list[ImageInput | bytes], settings: Settings, what: str) -> list[np.ndarray]:
+def decode_all(sources: list[_ImageSources | bytes], settings: Settings, what: str) -> list[np.ndarray]:
     """Decode sources into chunks of (n, H, W, C) float32 in [0, 1], in order (a 4-D array stays one chunk)."""
     chunks = []
     max_side = settings.max_image_side
@@ -356,18 +411,30 @@ def percentile_rows(flat: np.ndarray, percent: float) -> np.ndarray:
     position = percent / 100.0 * last
     low = int(np.floor(position))
     high = min(low + 1, last)
-    parted = np.partition(flat, low, axis=1)  # one kth: several times faster than partitioning at [low, high]
+    parted = flat.copy()
+    parted.partition(low, axis=1)  # one kth: several times faster than partitioning at [low, high]
     lower = parted[:, low]
     if high == low:
         return lower
-    upper = parted[:, low + 1 :].min(axis=1)  # the next order statistic: the smallest of the (few) values above
+    # The next order statistic: the smallest of the (few) values above.
+    upper = np.minimum.reduce(parted[:, low + 1 :], axis=1)
     return lower + (upper - lower) * np.float32(position - low)
+
+
+def _l1_error_maps(reference: np.ndarray, outputs: np.ndarray) -> np.ndarray:
+    """|reference − outputs| averaged over channels: (N, H, W) from (N, H, W, C)."""
+    difference = np.abs(reference - outputs)
+    if difference.shape[-1] == 1:
+        return difference[..., 0]  # the mean of one channel is the channel (skips a reduction)
+    return difference.mean(axis=-1)
 
 
 def _error_stats(error_maps: np.ndarray) -> list[dict[str, float]]:
     """mean, max and p99 of each (H, W) map, computed for the whole group at once."""
     flat = error_maps.reshape(len(error_maps), -1)
-    columns = (flat.mean(axis=1).tolist(), flat.max(axis=1).tolist(), percentile_rows(flat, 99.0).tolist())
+    # ufunc reductions directly: the same sums as ndarray.mean/max without their Python wrappers (~5 µs each).
+    means = np.add.reduce(flat, axis=1) / np.float32(flat.shape[1])
+    columns = (means.tolist(), np.maximum.reduce(flat, axis=1).tolist(), percentile_rows(flat, 99.0).tolist())
     return [{"mean": mean, "max": top, "p99": p99} for mean, top, p99 in zip(*columns, strict=True)]
 
 
@@ -392,7 +459,7 @@ def build_results(
     heatmap: bool,
 ) -> list[dict[str, Any]]:
     """The response entries of one size group: statistics vectorized over the group, encoding per image."""
-    error_maps = np.abs(inputs - outputs).mean(axis=-1)
+    error_maps = _l1_error_maps(inputs, outputs)
     stats = _error_stats(error_maps)
     encode_error_map = _error_map_encoder(error_format)
     clean_entries: list[dict[str, Any]] | None = None
@@ -412,7 +479,7 @@ def build_results(
             entry["noisy_png"] = encode_png_base64(inputs[index])
         entry.update(encode_error_map(error_maps[index]))
         if heatmap:
-            entry["error_heatmap_png"] = heatmap_png_base64(error_maps[index])
+            entry["error_heatmap_png"] = heatmap_png_base64(error_maps[index], vmax=stats[index]["max"])
         entry["error_stats"] = stats[index]
         if clean_entries is not None:
             entry["clean"] = clean_entries[index]
@@ -427,7 +494,7 @@ def _clean_comparisons(
     encode_error_map: Callable[[np.ndarray], dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """Per image: PSNR/SSIM of the output and of the input against the clean reference, and |clean − output|."""
-    clean_maps = np.abs(cleans - outputs).mean(axis=-1)
+    clean_maps = _l1_error_maps(cleans, outputs)
     stats = _error_stats(clean_maps)
     psnr, input_psnr = psnr_per_image(cleans, outputs).tolist(), psnr_per_image(cleans, inputs).tolist()
     ssim, input_ssim = _ssim_or_none(cleans, outputs), _ssim_or_none(cleans, inputs)
@@ -507,6 +574,12 @@ _REQUEST_BODY = {
 }
 
 
+async def serve_reconstruct(request: Request) -> Response:
+    """The handler of ReconstructRoute: POST /reconstruct without FastAPI's per-request parameter resolution."""
+    query = read_query(request)
+    return await reconstruct(request, request.app.state.settings, request.app.state.resources.inference, query)
+
+
 @router.post(
     "/reconstruct",
     summary="Denoise images",
@@ -534,6 +607,16 @@ async def reconstruct_images(
     heatmap: Annotated[bool, Query(description="Include the error heatmap PNG.")] = True,
 ) -> Response:
     """Denoise one image or a batch; returns each denoised image, its L1 error map |input − denoised|, heatmap and stats."""
+    # This signature defines the OpenAPI operation; requests reach reconstruct() through ReconstructRoute's handler.
+    return await reconstruct(request, settings, inference, ReconstructQuery(format=format, error_format=error_format,
+                                                                            heatmap=heatmap))
+
+
+async def reconstruct(
+    request: Request, settings: Settings, inference: InferenceEngine, query: ReconstructQuery
+) -> Response:
+    """The work of POST /reconstruct for a request whose query parameters are already validated."""
+    format, error_format, heatmap = query.format, query.error_format, query.heatmap
     call = await read_request(request)
     wants_png = _prefers_png(request.headers.get("accept", ""))
     model = await inference.model(call.model)
@@ -550,7 +633,10 @@ async def reconstruct_images(
         raise HTTPException(406, "Accept: image/png returns one image. Expected one input image. Received: a batch")
     cleans = _clean_groups(clean_chunks, groups) if clean_chunks is not None else [None] * len(groups)
 
-    outputs = await asyncio.gather(*(inference.run(model, images) for images, _ in groups))
+    if len(groups) == 1:  # the common case; gather() would wrap the call in a task
+        outputs = [await inference.run(model, groups[0][0])]
+    else:
+        outputs = await asyncio.gather(*(inference.run(model, images) for images, _ in groups))
 
     if wants_png:
         error = float(np.abs(groups[0][0] - outputs[0]).mean())
@@ -575,7 +661,7 @@ async def reconstruct_images(
         )
         for position, entry in zip(positions, entries, strict=True):
             results[position] = entry
-    mean_error = float(np.mean([entry["error_stats"]["mean"] for entry in results]))
+    mean_error = math.fsum(entry["error_stats"]["mean"] for entry in results) / len(results)
     card = model.card
     body = {
         "model": {"id": card.id, "name": card.name, "version": card.version},
