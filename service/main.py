@@ -28,12 +28,14 @@ from dae.jobs import JobStore
 from dae.store import ModelStore
 from service.config import Settings, get_settings
 from service.deps import Resources
+from service.direct_lane import GatewayApp
 from service.inference import InferenceEngine
 from service.metrics import GatewayMetrics
 from service.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, MetricsMiddleware
 from service.openapi import build_openapi
 from service.responses import OrjsonResponse
 from service.routes import ROUTERS
+from service.routes.reconstruct import reconstruct_route
 
 logger = logging.getLogger(__name__)
 
@@ -224,10 +226,10 @@ async def handle_unexpected(request: Request, error: Exception) -> Response:
 # ---------------------------------------------------------------------------------------------
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None) -> GatewayApp:
     """Build the gateway for `settings` (default: from the environment). Connects to nothing until started."""
     settings = settings or get_settings()
-    app = FastAPI(
+    app = GatewayApp(
         title="DAE service",
         version=dae.__version__,
         description=DESCRIPTION,
@@ -249,9 +251,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
 
     # Added innermost first: metrics sees everything, auth runs before any body is read.
+    api_keys = [key.get_secret_value() for key in settings.api_keys]
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(ApiKeyMiddleware, api_keys=[key.get_secret_value() for key in settings.api_keys])
+    app.add_middleware(ApiKeyMiddleware, api_keys=api_keys)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    # POST /reconstruct skips the framework's layers, behind the same three middlewares (service.direct_lane).
+    app.enable_direct_lane(
+        reconstruct_route(), metrics=metrics, api_keys=api_keys, max_body_bytes=settings.max_upload_bytes
+    )
 
     app.openapi = lambda: build_openapi(app)  # type: ignore[method-assign]
     return app

@@ -671,6 +671,11 @@ async def reconstruct(
     return OrjsonResponse(body)
 
 
+def reconstruct_route() -> APIRoute:
+    """The POST /reconstruct route of this module's router (service.direct_lane serves it directly)."""
+    return next(route for route in router.routes if isinstance(route, ReconstructRoute))
+
+
 def _prefers_png(accept: str) -> bool:
     """True when the client asks for image/png and not for JSON (Swagger's response-type picker does this)."""
     if "image/png" not in accept:
