@@ -15,6 +15,7 @@ with just the denoised PNG and the mean L1 error in the `X-Mean-L1-Error` header
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -405,20 +406,30 @@ def group_by_size(chunks: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray
     return groups
 
 
-def percentile_rows(flat: np.ndarray, percent: float) -> np.ndarray:
-    """np.percentile(flat, percent, axis=1) (linear interpolation) via one partition: ~20x faster on small rows."""
-    last = flat.shape[1] - 1
-    position = percent / 100.0 * last
-    low = int(np.floor(position))
-    high = min(low + 1, last)
+@functools.lru_cache(maxsize=64)
+def _percentile_position(length: int, percent: float) -> tuple[int, float]:
+    """(index of the lower order statistic, interpolation weight) of np.percentile's linear method."""
+    position = percent / 100.0 * (length - 1)
+    low = int(math.floor(position))
+    return low, position - low
+
+
+def max_and_percentile_rows(flat: np.ndarray, percent: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the max and np.percentile(row, percent) (linear interpolation), from one partition.
+
+    One partition at the lower order statistic puts every larger value after it, so the next order statistic and
+    the max are reductions over that short tail: ~20x faster than np.percentile on small rows.
+    """
+    low, weight = _percentile_position(flat.shape[1], percent)
     parted = flat.copy()
     parted.partition(low, axis=1)  # one kth: several times faster than partitioning at [low, high]
     lower = parted[:, low]
-    if high == low:
-        return lower
-    # The next order statistic: the smallest of the (few) values above.
-    upper = np.minimum.reduce(parted[:, low + 1 :], axis=1)
-    return lower + (upper - lower) * np.float32(position - low)
+    tail = parted[:, low:]
+    top = np.maximum.reduce(tail, axis=1)
+    if low == flat.shape[1] - 1:
+        return top, lower
+    upper = np.minimum.reduce(tail[:, 1:], axis=1)
+    return top, lower + (upper - lower) * np.float32(weight)
 
 
 def _l1_error_maps(reference: np.ndarray, outputs: np.ndarray) -> np.ndarray:
@@ -434,7 +445,8 @@ def _error_stats(error_maps: np.ndarray) -> list[dict[str, float]]:
     flat = error_maps.reshape(len(error_maps), -1)
     # ufunc reductions directly: the same sums as ndarray.mean/max without their Python wrappers (~5 µs each).
     means = np.add.reduce(flat, axis=1) / np.float32(flat.shape[1])
-    columns = (means.tolist(), np.maximum.reduce(flat, axis=1).tolist(), percentile_rows(flat, 99.0).tolist())
+    top, p99 = max_and_percentile_rows(flat, 99.0)
+    columns = (means.tolist(), top.tolist(), p99.tolist())
     return [{"mean": mean, "max": top, "p99": p99} for mean, top, p99 in zip(*columns, strict=True)]
 
 
