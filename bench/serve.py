@@ -9,9 +9,11 @@ What it does, on this machine, one server at a time:
 2. Starts a redis-server and the real gateway (`uvicorn service.main:app`, one process, configured by DAE_*), then:
    - cold path: the first /reconstruct of each model (nothing loaded yet), and of fresh copies published later;
    - load: one noisy 28x28 test image as base64 PNG at each concurrency level, (1) with the full default response
-     (denoised PNG, error map as JSON arrays, heatmap PNG, statistics) and (2) with the denoised image and its
-     statistics only (`error_format=none&heatmap=false`, what the Keras baseline returns plus the error
-     statistics), dense and conv; the dense model also with the nested-list `pixels` input the Keras baseline gets;
+     (denoised PNG, error map as JSON arrays, heatmap PNG, statistics), (2) compact (`error_format=f32&heatmap=false`:
+     the denoised PNG, the error map as base64 float32, statistics: every number of (1) but the heatmap, in compact
+     form) and (3) with the denoised image and its statistics only (`error_format=none&heatmap=false`, what the
+     Keras baseline returns plus the error statistics); (1) also for the conv model and, dense, with the
+     nested-list `pixels` input the Keras baseline gets;
    - batch: 256 images in one request as a base64 uint8 array (8-bit pixels, as images are), compact response
      (`format=f32&error_format=f32&heatmap=false`: denoised images and error maps as base64 float32), images/s;
      also with the images sent as base64 float32;
@@ -74,6 +76,7 @@ HEADLINE_CONCURRENCY = 32
 BATCH_IMAGES = 256
 BATCH_QUERY = "format=f32&error_format=f32&heatmap=false"
 LEAN_QUERY = "error_format=none&heatmap=false"
+COMPACT_QUERY = "error_format=f32&heatmap=false"
 KERAS_MIN_DURATION_S = 10.0
 KERAS_TIMEOUT_S = 30.0
 MODELS_FOR_MEMORY = 10
@@ -280,6 +283,8 @@ def run(arguments: argparse.Namespace, workdir: Path, redis_url: str, levels: li
         check_answer(endpoint, bodies.dense_pixels)
         check_answer(f"{endpoint}?{BATCH_QUERY}", bodies.batch_u8)
         full = sweep(endpoint, bodies.dense_png, "gateway dense PNG, full", levels, duration, generator, warm_up)
+        compact = sweep(f"{endpoint}?{COMPACT_QUERY}", bodies.dense_png, "gateway dense PNG, compact", levels,
+                        duration, generator, warm_up)
         image_only = sweep(lean, bodies.dense_png, "gateway dense PNG, image+stats", levels, duration, generator,
                            warm_up)
         pixels = sweep(endpoint, bodies.dense_pixels, "gateway dense pixels, full", [HEADLINE_CONCURRENCY],
@@ -320,10 +325,10 @@ def run(arguments: argparse.Namespace, workdir: Path, redis_url: str, levels: li
     print(f"RESULTS  (load generator {generator}; {duration:g} s per level, Keras {keras_duration:g} s; "
           "one uvicorn process per server)")
     headers = ["scenario", "conc.", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors"]
-    print(format_table(headers, result_rows(full + image_only + pixels + conv_full + constant_results
+    print(format_table(headers, result_rows(full + compact + image_only + pixels + conv_full + constant_results
                                             + keras_results)))
-    print("full = default response (denoised PNG, error map JSON, heatmap PNG, stats); image+stats = "
-          f"?{LEAN_QUERY}")
+    print("full = default response (denoised PNG, error map JSON, heatmap PNG, stats); compact = "
+          f"?{COMPACT_QUERY} (denoised PNG, error map base64 float32, stats); image+stats = ?{LEAN_QUERY}")
     print()
     print(format_table([*headers, "images/s"], result_rows(batch, BATCH_IMAGES)))
     print(f"batch: {BATCH_IMAGES} images (28x28) per request as a base64 array, response ?{BATCH_QUERY}")
@@ -336,7 +341,8 @@ def run(arguments: argparse.Namespace, workdir: Path, redis_url: str, levels: li
     checks = []
     keras_headline = at_level(keras_results, HEADLINE_CONCURRENCY)
     constant_headline = at_level(constant_results, HEADLINE_CONCURRENCY)
-    for label, results in (("full response", full), ("image+stats response", image_only)):
+    for label, results in (("full response", full), ("compact response", compact),
+                           ("image+stats response", image_only)):
         checks += headline_checks(label, at_level(results, HEADLINE_CONCURRENCY), keras_headline, constant_headline)
     batch_u8 = [result for result in batch if "uint8" in result.label]
     best_batch = max(batch_u8, key=lambda result: result.rps)
@@ -353,7 +359,7 @@ def run(arguments: argparse.Namespace, workdir: Path, redis_url: str, levels: li
                    rss_mib <= TARGET_RSS_MIB and sessions >= MODELS_FOR_MEMORY))
     for description, target, passed in checks:
         print(f"  {verdict(passed)}  {description}  (target {target})")
-    all_errors = sum(result.errors for result in full + image_only + pixels + conv_full + batch)
+    all_errors = sum(result.errors for result in full + compact + image_only + pixels + conv_full + batch)
     print(f"\nall gateway runs: {all_errors} errors")
     print(f"load average at end: {load_average()}")
     return 0 if all(passed for _, _, passed in checks) else 1
