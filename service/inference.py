@@ -6,13 +6,14 @@ How a /reconstruct call reaches onnxruntime:
    (in a worker thread, once even under concurrent requests) on a cache miss. The cache is an LRU bounded both
    by the number of sessions and by an estimate of their memory; a new session is warmed up with one run on
    zeros before it serves, so the first real request does not pay onnxruntime's lazy initialisation.
-2. `InferenceEngine.run(model, images)` pads conv inputs to a multiple of the model's downsampling factor
+2. `InferenceEngine.denoise(model, images)` (or `run`, for the outputs alone) pads conv inputs to a multiple of the model's downsampling factor
    (reflect padding at the bottom and right edges, cropped back afterwards) and queues the images in a *lane*,
    one per (model, padded height, padded width): images of different sizes are never batched together.
 3. A lane becomes a batch when it holds `batch_max_size` images or `batch_timeout_s` after its first request
    arrived (TF Serving's `batch_timeout_micros`). While every worker thread is busy, ready lanes wait and keep
    filling, so batches grow with load instead of queueing as many small runs. The batch runs in a thread
-   (onnxruntime releases the GIL), and each awaiting caller gets its slice of the output (asyncio futures).
+   (onnxruntime releases the GIL), which also computes the L1 error maps |input − output| and their statistics
+   for the whole batch at once (service.error_maps), and each awaiting caller gets its slice (asyncio futures).
 4. The number of images waiting or running is bounded: above `queue_bound`, `run` raises Overloaded (HTTP 503
    with Retry-After) instead of letting latency grow without limit.
 
@@ -44,6 +45,7 @@ import onnxruntime as ort
 from dae.errors import InvalidImage, Overloaded
 from dae.spec import ModelCard
 from dae.store import CARD_FILE, ModelStore, is_model_id
+from service.error_maps import ErrorMaps
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +196,14 @@ class SessionCache:
             return len(self._models)
 
 
+@dataclass(frozen=True)
+class Denoised:
+    """Outputs (N, H, W, C), clipped to [0, 1], and their L1 error maps against the inputs the model saw."""
+
+    outputs: np.ndarray
+    errors: ErrorMaps
+
+
 @dataclass
 class _Request:
     """Images of one caller waiting in a lane, and the future its result goes to."""
@@ -334,7 +344,11 @@ class InferenceEngine:
         return self._queued_images
 
     async def run(self, model: LoadedModel, images: np.ndarray) -> np.ndarray:
-        """Denoise (N, H, W, C) float32 images in the model's channels; returns (N, H, W, C) clipped to [0, 1].
+        """Denoise (N, H, W, C) float32 images in the model's channels; returns (N, H, W, C) clipped to [0, 1]."""
+        return (await self.denoise(model, images)).outputs
+
+    async def denoise(self, model: LoadedModel, images: np.ndarray) -> Denoised:
+        """Denoise (N, H, W, C) float32 images in the model's channels: outputs and error maps |images − outputs|.
 
         Raises InvalidImage for a dense model and the wrong size, Overloaded when the queue is full.
         """
@@ -366,10 +380,12 @@ class InferenceEngine:
             self._close_batch(key)
         elif lane.timer is None and not lane.ready:
             lane.timer = loop.call_later(self.batch_timeout_s, self._close_batch, key)
-        output = await request.future
+        denoised: Denoised = await request.future
         if (padded_h, padded_w) != (height, width):
-            output = output[:, :height, :width, :]
-        return output
+            # The batch's maps cover the padding: crop the output and measure it against the original images.
+            output = denoised.outputs[:, :height, :width, :]
+            return Denoised(output, ErrorMaps.between(request.images[:, :height, :width, :], output))
+        return denoised
 
     def _close_batch(self, key: tuple[str, int, int]) -> None:
         """A lane's batch is complete (full or timed out): run it now, or as soon as a worker is free."""
@@ -414,15 +430,16 @@ class InferenceEngine:
         future = asyncio.get_running_loop().run_in_executor(self.executor, self._run_batch, lane.model, arrays)
         future.add_done_callback(lambda done: self._finish_batch(batch, size, done))
 
-    def _run_batch(self, model: LoadedModel, arrays: list[np.ndarray]) -> np.ndarray:
-        """In a worker thread: one onnxruntime run over the concatenated batch, clipped to [0, 1]."""
+    def _run_batch(self, model: LoadedModel, arrays: list[np.ndarray]) -> Denoised:
+        """In a worker thread: one onnxruntime run over the concatenated batch, clipped to [0, 1], and its errors."""
         started = time.perf_counter()
         inputs = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
         output = model.session.run([model.output_name], {model.input_name: inputs})[0]
         np.clip(output, 0.0, 1.0, out=output)
         if self.on_batch is not None:
             self.on_batch(len(inputs), time.perf_counter() - started)
-        return output
+        # Every caller needs its error maps: computed here for the whole batch, off the event loop.
+        return Denoised(output, ErrorMaps.between(inputs, output))
 
     def _finish_batch(self, batch: list[_Request], size: int, done: asyncio.Future) -> None:
         """On the event loop: hand every caller its slice, then start the next ready lane."""
@@ -439,7 +456,9 @@ class InferenceEngine:
                 if error is not None:
                     request.future.set_exception(error)
                 else:
-                    request.future.set_result(done.result()[start : start + count])
+                    result: Denoised = done.result()
+                    stop = start + count
+                    request.future.set_result(Denoised(result.outputs[start:stop], result.errors.rows(start, stop)))
             start += count
         while self._ready and self._running < self.workers:
             key = self._ready.popleft()

@@ -15,7 +15,6 @@ with just the denoised PNG and the mean L1 error in the `X-Mean-L1-Error` header
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from dae.noise import add_noise
 from dae.spec import NoiseSpec
 from service.config import Settings
 from service.deps import ApiKeyRequired, InferenceDep, SettingsDep
+from service.error_maps import ErrorMaps
 from service.images import (
     decode_base64_image,
     decode_image_bytes,
@@ -48,7 +48,7 @@ from service.images import (
     pixels_to_array,
     to_channels,
 )
-from service.inference import InferenceEngine, LoadedModel
+from service.inference import Denoised, InferenceEngine, LoadedModel
 from service.responses import OrjsonResponse
 from service.schemas import error_responses
 
@@ -406,50 +406,6 @@ def group_by_size(chunks: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray
     return groups
 
 
-@functools.lru_cache(maxsize=64)
-def _percentile_position(length: int, percent: float) -> tuple[int, float]:
-    """(index of the lower order statistic, interpolation weight) of np.percentile's linear method."""
-    position = percent / 100.0 * (length - 1)
-    low = int(math.floor(position))
-    return low, position - low
-
-
-def max_and_percentile_rows(flat: np.ndarray, percent: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: the max and np.percentile(row, percent) (linear interpolation), from one partition.
-
-    One partition at the lower order statistic puts every larger value after it, so the next order statistic and
-    the max are reductions over that short tail: ~20x faster than np.percentile on small rows.
-    """
-    low, weight = _percentile_position(flat.shape[1], percent)
-    parted = flat.copy()
-    parted.partition(low, axis=1)  # one kth: several times faster than partitioning at [low, high]
-    lower = parted[:, low]
-    tail = parted[:, low:]
-    top = np.maximum.reduce(tail, axis=1)
-    if low == flat.shape[1] - 1:
-        return top, lower
-    upper = np.minimum.reduce(tail[:, 1:], axis=1)
-    return top, lower + (upper - lower) * np.float32(weight)
-
-
-def _l1_error_maps(reference: np.ndarray, outputs: np.ndarray) -> np.ndarray:
-    """|reference − outputs| averaged over channels: (N, H, W) from (N, H, W, C)."""
-    difference = np.abs(reference - outputs)
-    if difference.shape[-1] == 1:
-        return difference[..., 0]  # the mean of one channel is the channel (skips a reduction)
-    return difference.mean(axis=-1)
-
-
-def _error_stats(error_maps: np.ndarray) -> list[dict[str, float]]:
-    """mean, max and p99 of each (H, W) map, computed for the whole group at once."""
-    flat = error_maps.reshape(len(error_maps), -1)
-    # ufunc reductions directly: the same sums as ndarray.mean/max without their Python wrappers (~5 µs each).
-    means = np.add.reduce(flat, axis=1) / np.float32(flat.shape[1])
-    top, p99 = max_and_percentile_rows(flat, 99.0)
-    columns = (means.tolist(), top.tolist(), p99.tolist())
-    return [{"mean": mean, "max": top, "p99": p99} for mean, top, p99 in zip(*columns, strict=True)]
-
-
 def _error_map_encoder(error_format: ErrorFormat) -> Callable[[np.ndarray], dict[str, Any]]:
     if error_format == "json":
         return lambda error_map: {"error_map": error_map}  # orjson writes the float32 array directly
@@ -462,7 +418,7 @@ def _error_map_encoder(error_format: ErrorFormat) -> Callable[[np.ndarray], dict
 
 def build_results(
     inputs: np.ndarray,
-    outputs: np.ndarray,
+    denoised: Denoised,
     cleans: np.ndarray | None,
     *,
     noisy: bool,
@@ -470,9 +426,10 @@ def build_results(
     error_format: ErrorFormat,
     heatmap: bool,
 ) -> list[dict[str, Any]]:
-    """The response entries of one size group: statistics vectorized over the group, encoding per image."""
-    error_maps = _l1_error_maps(inputs, outputs)
-    stats = _error_stats(error_maps)
+    """The response entries of one size group (error maps and statistics come with the outputs), encoded per image."""
+    outputs = denoised.outputs
+    error_maps = denoised.errors.maps
+    stats = denoised.errors.stats()
     encode_error_map = _error_map_encoder(error_format)
     clean_entries: list[dict[str, Any]] | None = None
     if cleans is not None:
@@ -506,8 +463,9 @@ def _clean_comparisons(
     encode_error_map: Callable[[np.ndarray], dict[str, Any]],
 ) -> list[dict[str, Any]]:
     """Per image: PSNR/SSIM of the output and of the input against the clean reference, and |clean − output|."""
-    clean_maps = _l1_error_maps(cleans, outputs)
-    stats = _error_stats(clean_maps)
+    clean_errors = ErrorMaps.between(cleans, outputs)
+    clean_maps = clean_errors.maps
+    stats = clean_errors.stats()
     psnr, input_psnr = psnr_per_image(cleans, outputs).tolist(), psnr_per_image(cleans, inputs).tolist()
     ssim, input_ssim = _ssim_or_none(cleans, outputs), _ssim_or_none(cleans, inputs)
     return [
@@ -646,14 +604,14 @@ async def reconstruct(
     cleans = _clean_groups(clean_chunks, groups) if clean_chunks is not None else [None] * len(groups)
 
     if len(groups) == 1:  # the common case; gather() would wrap the call in a task
-        outputs = [await inference.run(model, groups[0][0])]
+        outputs = [await inference.denoise(model, groups[0][0])]
     else:
-        outputs = await asyncio.gather(*(inference.run(model, images) for images, _ in groups))
+        outputs = await asyncio.gather(*(inference.denoise(model, images) for images, _ in groups))
 
     if wants_png:
-        error = float(np.abs(groups[0][0] - outputs[0]).mean())
+        error = float(outputs[0].errors.means[0])
         return Response(
-            encode_png(outputs[0][0]),
+            encode_png(outputs[0].outputs[0]),
             media_type="image/png",
             headers={"X-Mean-L1-Error": f"{error:.6g}", "X-Model-Id": model.model_id},
         )

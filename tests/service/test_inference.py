@@ -211,3 +211,30 @@ def test_a_deleted_model_stops_serving_even_if_cached(store, dense_card):
             asyncio.run(engine.model(dense_card.id))
     finally:
         engine.close()
+
+
+def test_error_maps_come_with_each_callers_rows_and_padded_sizes_are_measured_unpadded(store, dense_card, conv_card):
+    """denoise(): each caller's maps are |its images − its outputs| (channel mean) with matching statistics,
+    in a shared batch (dense) and for a padded conv size, where the padding must not enter the statistics."""
+    engine = make_engine(store)
+    dense_inputs = [images(count) for count in (1, 3, 2)]
+    odd = images(2, 7, 9)
+
+    async def scenario():
+        dense, conv = await engine.model(dense_card.id), await engine.model(conv_card.id)
+        shared = await asyncio.gather(*(engine.denoise(dense, batch) for batch in dense_inputs))
+        return shared, await engine.denoise(conv, odd)
+
+    try:
+        shared, padded = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert engine.stats.batches == 2  # the three dense callers shared one batch
+    for inputs, denoised in [*zip(dense_inputs, shared, strict=True), (odd, padded)]:
+        expected = np.abs(inputs - denoised.outputs).mean(axis=-1)
+        assert denoised.errors.maps.shape == inputs.shape[:3]
+        np.testing.assert_allclose(denoised.errors.maps, expected, atol=1e-7)
+        flat = expected.reshape(len(expected), -1)
+        np.testing.assert_allclose(denoised.errors.means, flat.mean(axis=1), rtol=1e-5)
+        np.testing.assert_allclose(denoised.errors.maxima, flat.max(axis=1), rtol=1e-6)
+        np.testing.assert_allclose(denoised.errors.p99s, np.percentile(flat, 99, axis=1), rtol=1e-5, atol=1e-7)
