@@ -286,9 +286,34 @@ def read_query(request: Request) -> ReconstructQuery:
 # ---------------------------------------------------------------------------------------------
 
 
-async def read_request(request: Request) -> ParsedCall:
+@dataclass(frozen=True)
+class CallHeaders:
+    """The request headers /reconstruct looks at, read in one pass over the raw headers (Starlette's Headers
+    mapping decodes and compares every header per lookup: ~5 µs for these three, ~0.5 µs this way)."""
+
+    content_type: str
+    accept: str
+    content_length: int | None
+
+    @classmethod
+    def of(cls, request: Request) -> CallHeaders:
+        found: dict[bytes, bytes] = {}
+        for name, value in request.scope["headers"]:  # names arrive lower-cased (ASGI)
+            if name in _CALL_HEADERS and name not in found:  # the first of repeated headers, as Starlette's get()
+                found[name] = value
+        length = found.get(b"content-length", b"")
+        return cls(
+            content_type=found.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower(),
+            accept=found.get(b"accept", b"").decode("latin-1"),
+            content_length=int(length) if length.isdigit() else None,
+        )
+
+
+_CALL_HEADERS = frozenset({b"content-type", b"accept", b"content-length"})
+
+
+async def read_request(request: Request, content_type: str) -> ParsedCall:
     """The call from a JSON or a multipart body; 422 (RequestValidationError) for invalid fields."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         return await _read_multipart(request)
     if content_type not in ("application/json", ""):
@@ -587,11 +612,11 @@ async def reconstruct(
 ) -> Response:
     """The work of POST /reconstruct for a request whose query parameters are already validated."""
     format, error_format, heatmap = query.format, query.error_format, query.heatmap
-    call = await read_request(request)
-    wants_png = _prefers_png(request.headers.get("accept", ""))
+    headers = CallHeaders.of(request)
+    call = await read_request(request, headers.content_type)
+    wants_png = _prefers_png(headers.accept)
     model = await inference.model(call.model)
-    declared_length = request.headers.get("content-length", "")
-    heavy_input = declared_length.isdigit() and int(declared_length) > INLINE_WORK_LIMIT
+    heavy_input = headers.content_length is not None and headers.content_length > INLINE_WORK_LIMIT
     chunks = await _work(decode_all, call.inputs, settings, "image", heavy=heavy_input)
     clean_chunks = None
     if call.clean is not None:
