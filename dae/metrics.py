@@ -17,7 +17,8 @@ most 128 and `nl_means` (denoise_nl_means, fast mode, 5x5 patches, distance 6, h
 coefficients / 0.6745, the estimator of skimage's estimate_sigma, which needs PyWavelets, not installed here);
 the constants were tuned on Fashion-MNIST and reproduce the reference figures of DESIGN.md §5. Each QualityRow
 records how many images it averages over. Noise settings: the training noise, then gaussian 0.1/0.2/0.3/0.5
-(clipped), without duplicates.
+(clipped), without duplicates. The `noisy`, `tv` and `nl_means` rows do not depend on the model (reference_rows):
+a worker computes them in a helper process while it exports the model (dae.reference); the numbers are the same.
 
 TensorFlow-free except sparsity_report and keras_predictor, which take a Keras model.
 """
@@ -84,7 +85,10 @@ def l1_per_image(clean: np.ndarray, estimate: np.ndarray) -> np.ndarray:
 
 def psnr_per_image(clean: np.ndarray, estimate: np.ndarray) -> np.ndarray:
     """PSNR (dB, data_range 1) of each image, shape (N,), capped at PSNR_CAP_DB."""
-    errors = mse_per_image(clean, estimate)
+    return _psnr_from_mse(mse_per_image(clean, estimate))
+
+
+def _psnr_from_mse(errors: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore"):
         values = 10.0 * np.log10(1.0 / errors)
     return np.minimum(values, PSNR_CAP_DB)
@@ -105,9 +109,13 @@ def ssim_per_image(clean: np.ndarray, estimate: np.ndarray) -> np.ndarray:
     clean_batch, estimate_batch = _pair(clean, estimate)
     window = _ssim_window(clean_batch.shape[1], clean_batch.shape[2])
     size = (1, window, window, 1)  # filter H and W only: each image and channel on its own
+    pad = (window - 1) // 2
+    # Only the window-valid interior is averaged: crop the local statistics before the element-wise algebra
+    # (the same numbers as computing the whole map and cropping it, with ~40% less arithmetic on 28x28 images).
+    interior = (slice(None), slice(pad, clean_batch.shape[1] - pad), slice(pad, clean_batch.shape[2] - pad))
 
     def local_mean(values: np.ndarray) -> np.ndarray:
-        return ndimage.uniform_filter(values, size=size, mode="reflect")
+        return ndimage.uniform_filter(values, size=size, mode="reflect")[interior]
 
     points = window * window
     covariance_norm = points / (points - 1.0)
@@ -117,18 +125,18 @@ def ssim_per_image(clean: np.ndarray, estimate: np.ndarray) -> np.ndarray:
     cov_xy = covariance_norm * (local_mean(clean_batch * estimate_batch) - mean_x * mean_y)
     c1, c2 = _SSIM_K1**2, _SSIM_K2**2
     ssim_map = ((2 * mean_x * mean_y + c1) * (2 * cov_xy + c2)) / ((mean_x**2 + mean_y**2 + c1) * (var_x + var_y + c2))
-    pad = (window - 1) // 2
-    interior = ssim_map[:, pad : ssim_map.shape[1] - pad, pad : ssim_map.shape[2] - pad, :]
-    return interior.mean(axis=(1, 2)).mean(axis=1)
+    return ssim_map.mean(axis=(1, 2)).mean(axis=1)
 
 
 def image_quality(clean: np.ndarray, estimate: np.ndarray) -> dict[str, float]:
     """{"psnr", "ssim", "l1", "mse"} of `estimate` against `clean`, each averaged over images."""
+    clean_batch, estimate_batch = _pair(clean, estimate)  # float64 once, shared by the four metrics
+    squared_errors = mse_per_image(clean_batch, estimate_batch)
     return {
-        "psnr": float(np.mean(psnr_per_image(clean, estimate))),
-        "ssim": float(np.mean(ssim_per_image(clean, estimate))),
-        "l1": float(np.mean(l1_per_image(clean, estimate))),
-        "mse": float(np.mean(mse_per_image(clean, estimate))),
+        "psnr": float(np.mean(_psnr_from_mse(squared_errors))),
+        "ssim": float(np.mean(ssim_per_image(clean_batch, estimate_batch))),
+        "l1": float(np.mean(l1_per_image(clean_batch, estimate_batch))),
+        "mse": float(np.mean(squared_errors)),
     }
 
 
@@ -296,6 +304,32 @@ def _row(noise: NoiseSpec, method: str, clean: np.ndarray, estimate: np.ndarray)
     return QualityRow(noise=noise_label(noise), method=method, images=len(clean), **image_quality(clean, estimate))
 
 
+def reference_rows(
+    test_images: np.ndarray,
+    training_noise: NoiseSpec,
+    *,
+    seed: int = 0,
+    max_images: int = MAX_EVAL_IMAGES,
+    tv_images: int = MAX_TV_IMAGES,
+    nl_means_images: int = MAX_NL_MEANS_IMAGES,
+    baselines: bool = True,
+) -> list[QualityRow]:
+    """The rows of the evaluation table that do not depend on the model: for each noise setting `noisy`, then
+    `tv` and `nl_means` (when `baselines`). evaluate_denoiser(reference=...) merges them with the model's rows, so
+    they can be computed anywhere (dae.reference runs them in a helper process while the model is exported)."""
+    clean = select_test_images(np.asarray(test_images, dtype=np.float32), seed, max_images)
+    rows: list[QualityRow] = []
+    for index, noise in enumerate(evaluation_noises(training_noise)):
+        noisy = add_noise(clean, noise, seed=[seed, index])
+        rows.append(_row(noise, "noisy", clean, noisy))
+        if baselines:
+            tv_count = min(tv_images, len(clean))
+            rows.append(_row(noise, "tv", clean[:tv_count], denoise_tv_batch(noisy[:tv_count])))
+            nl_count = min(nl_means_images, len(clean))
+            rows.append(_row(noise, "nl_means", clean[:nl_count], denoise_nl_means_batch(noisy[:nl_count])))
+    return rows
+
+
 def evaluate_denoiser(
     predict: Predictor,
     test_images: np.ndarray,
@@ -306,15 +340,19 @@ def evaluate_denoiser(
     tv_images: int = MAX_TV_IMAGES,
     nl_means_images: int = MAX_NL_MEANS_IMAGES,
     baselines: bool = True,
+    reference: Sequence[QualityRow] | Callable[[], Sequence[QualityRow]] | None = None,
 ) -> list[QualityRow]:
     """The evaluation table of a denoiser on held-out test images (see the module docstring).
 
     `predict(noisy)` maps a float32 (N, H, W, C) batch to denoised images of the same shape (Keras, ONNX, ...);
     its output is clipped to [0, 1]. Rows: for each noise setting, `noisy`, `model`, then `tv` and `nl_means`.
+    `reference`: the model-independent rows as reference_rows returns them for the same arguments, or a function
+    called for them once the model's rows are done (dae.reference); computed here when None.
     """
     clean = select_test_images(np.asarray(test_images, dtype=np.float32), seed, max_images)
-    rows: list[QualityRow] = []
-    for index, noise in enumerate(evaluation_noises(training_noise)):
+    noises = evaluation_noises(training_noise)
+    model_rows = []
+    for index, noise in enumerate(noises):
         noisy = add_noise(clean, noise, seed=[seed, index])
         denoised = np.asarray(predict(noisy), dtype=np.float32)
         if denoised.shape != noisy.shape:
@@ -326,14 +364,41 @@ def evaluate_denoiser(
             raise ValueError(
                 "The denoiser returned NaN or infinite values. Expected finite pixels. Received: non-finite output"
             )
-        rows.append(_row(noise, "noisy", clean, noisy))
-        rows.append(_row(noise, "model", clean, np.clip(denoised, 0.0, 1.0)))
-        if baselines:
-            tv_count = min(tv_images, len(clean))
-            rows.append(_row(noise, "tv", clean[:tv_count], denoise_tv_batch(noisy[:tv_count])))
-            nl_count = min(nl_means_images, len(clean))
-            rows.append(_row(noise, "nl_means", clean[:nl_count], denoise_nl_means_batch(noisy[:nl_count])))
+        model_rows.append(_row(noise, "model", clean, np.clip(denoised, 0.0, 1.0)))
+    if reference is None:
+        reference = reference_rows(
+            clean,
+            training_noise,
+            seed=seed,
+            max_images=max_images,
+            tv_images=tv_images,
+            nl_means_images=nl_means_images,
+            baselines=baselines,
+        )
+    elif callable(reference):
+        reference = reference()
+    rows: list[QualityRow] = []
+    for model_row, (noisy_row, *baseline_rows) in zip(
+        model_rows, _rows_by_noise(reference, noises, len(clean)), strict=True
+    ):
+        rows.extend([noisy_row, model_row, *baseline_rows])
     return rows
+
+
+def _rows_by_noise(reference: Sequence[QualityRow], noises: list[NoiseSpec], images: int) -> list[list[QualityRow]]:
+    """The reference rows of each noise setting, in order; each group starts with its `noisy` row over `images`."""
+    labels = [noise_label(noise) for noise in noises]
+    groups: dict[str, list[QualityRow]] = {}
+    for row in reference:
+        groups.setdefault(row.noise, []).append(row)
+    if list(groups) != labels or any(
+        group[0].method != "noisy" or group[0].images != images for group in groups.values()
+    ):
+        raise ValueError(
+            f"Expected reference rows (noisy first, over {images} images) for the noise settings {labels}. "
+            f"Received: {[(row.noise, row.method, row.images) for row in reference]}"
+        )
+    return list(groups.values())
 
 
 def format_evaluation(rows: Sequence[QualityRow]) -> str:

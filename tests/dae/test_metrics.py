@@ -230,3 +230,46 @@ def test_vectorized_noise_estimate_equals_the_per_image_one() -> None:
     expected = [metrics.estimate_noise_sigma(image) for image in images]
     np.testing.assert_allclose(metrics.estimate_noise_sigmas(images), expected, rtol=1e-9)
     assert 0.07 < float(np.mean(expected)) < 0.13
+
+
+def test_reference_rows_are_the_model_independent_rows_of_the_table() -> None:
+    clean = smooth_images(20)
+    noise = NoiseSpec(type="gaussian", level=0.2)
+
+    def shrink(noisy: np.ndarray) -> np.ndarray:
+        return 0.5 * noisy + 0.25
+
+    table = metrics.evaluate_denoiser(shrink, clean, noise, seed=4, nl_means_images=6)
+    reference = metrics.reference_rows(clean, noise, seed=4, nl_means_images=6)
+    assert [(row.noise, row.method) for row in reference] == [
+        (row.noise, row.method) for row in table if row.method != "model"
+    ]
+    assert reference == [row for row in table if row.method != "model"]  # every number, exactly
+    # Merged back (as a list, or from a function called once the model's rows are done): the very same table.
+    assert metrics.evaluate_denoiser(shrink, clean, noise, seed=4, reference=reference) == table
+    assert metrics.evaluate_denoiser(shrink, clean, noise, seed=4, reference=lambda: reference) == table
+    assert reference[0].psnr < table[1].psnr  # the model row really is the model's (shrinking beats the noise)
+
+
+def test_evaluation_rejects_reference_rows_of_other_settings() -> None:
+    clean = smooth_images(10)
+    reference = metrics.reference_rows(clean, NoiseSpec(type="gaussian", level=0.3), seed=0, baselines=False)
+    with pytest.raises(ValueError, match="reference rows"):  # another training noise: other settings
+        metrics.evaluate_denoiser(lambda noisy: noisy, clean, NoiseSpec(type="masking", level=0.3),
+                                  reference=reference)
+    with pytest.raises(ValueError, match="over 8 images"):  # another image count
+        metrics.evaluate_denoiser(lambda noisy: noisy, clean[:8], NoiseSpec(type="gaussian", level=0.3),
+                                  reference=reference)
+
+
+def test_image_quality_equals_the_separate_metrics() -> None:
+    rng = np.random.default_rng(6)
+    clean = rng.random((5, 13, 11, 2)).astype(np.float32)
+    estimate = np.clip(clean + 0.1 * rng.standard_normal(clean.shape), 0, 1).astype(np.float32)
+    quality = metrics.image_quality(clean, estimate)
+    assert quality == {
+        "psnr": float(np.mean(metrics.psnr_per_image(clean, estimate))),
+        "ssim": float(np.mean(metrics.ssim_per_image(clean, estimate))),
+        "l1": float(np.mean(metrics.l1_per_image(clean, estimate))),
+        "mse": float(np.mean(metrics.mse_per_image(clean, estimate))),
+    }
