@@ -118,6 +118,12 @@ def test_job_runs_to_success_with_one_event_per_epoch(
     assert events[-1]["model_id"] == card.id
     assert not (store.checkpoints_dir / record.id).exists()  # a finished job's checkpoint is dropped
     assert models_of_job(store, record.id) == [card.id]
+    # The pool child's evaluation helper computed the model-independent rows (dae.reference): it started, and the
+    # table is complete.
+    log = worker.log_text()
+    assert "evaluation helper process" in log and "could not start the evaluation helper" not in log, log[-3000:]
+    assert "computing the reference rows inline" not in log
+    assert [row.method for row in card.evaluation[:4]] == ["noisy", "model", "tv", "nl_means"]
 
 
 def test_cancel_mid_training_stops_within_an_epoch(
