@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -416,8 +416,10 @@ def prepare_inputs(
     return prepared, noise is not None
 
 
-def group_by_size(chunks: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+def group_by_size(chunks: list[np.ndarray]) -> list[tuple[np.ndarray, Sequence[int]]]:
     """[(images (n, H, W, C), their positions in the request)] per distinct (H, W), in first-seen order."""
+    if len(chunks) == 1:  # one image or one array: the whole request is one group
+        return [(chunks[0], range(len(chunks[0])))]
     members: dict[tuple[int, int], list[tuple[np.ndarray, int]]] = {}
     position = 0
     for chunk in chunks:
@@ -512,7 +514,7 @@ def _ssim_or_none(clean: np.ndarray, estimate: np.ndarray) -> np.ndarray | None:
     return ssim_per_image(clean, estimate)
 
 
-def _clean_groups(clean_chunks: list[np.ndarray], groups: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+def _clean_groups(clean_chunks: list[np.ndarray], groups: list[tuple[np.ndarray, Sequence[int]]]) -> list[np.ndarray]:
     """The clean references stacked like the input groups; InvalidImage for a count or size mismatch."""
     cleans = [image for chunk in clean_chunks for image in chunk]
     total = sum(len(positions) for _, positions in groups)
