@@ -83,3 +83,26 @@ class OtherProcessesCpu:
             return float("nan")
         # Clamped at 0: the two clocks are read a moment apart, so an idle machine can read a few hundredths below.
         return max(0.0, (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0]))
+
+
+def _steal_and_total_ticks() -> tuple[int, int]:
+    with open("/proc/stat") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    return (fields + [0] * 8)[7], sum(fields[:8])
+
+
+class StolenCpu:
+    """The share of all cores' time the hypervisor gave to other guests ("steal") since start(): a virtual machine
+    cannot see who else shares its host, and a benchmark run while a fifth of the time is stolen is not comparable
+    with one run while none is."""
+
+    def __init__(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        self._steal, self._total = _steal_and_total_ticks()
+
+    def fraction(self) -> float:
+        steal, total = _steal_and_total_ticks()
+        elapsed = total - self._total
+        return (steal - self._steal) / elapsed if elapsed > 0 else 0.0

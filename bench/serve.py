@@ -63,6 +63,7 @@ from bench.harness import (  # noqa: E402
     run_load,
     verdict,
 )
+from bench.interference import StolenCpu  # noqa: E402
 from dae.spec import ModelCard, NoiseSpec, TrainingSpec  # noqa: E402
 from dae.store import ModelStore, new_model_id  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
@@ -206,10 +207,11 @@ def sweep(url: str, body: bytes, label: str, levels: list[int], duration_s: floa
                  generator=generator, timeout_s=timeout_s)
     results = []
     for level in levels:
+        stolen = StolenCpu()
         result = run_load(url, body, concurrency=level, duration_s=duration_s, label=label, generator=generator,
                           timeout_s=timeout_s)
         print(f"  {label:<32} c={level:<4} {result.rps:9.1f} req/s  p50 {result.p50_ms:8.2f} ms  "
-              f"p99 {result.p99_ms:8.2f} ms  errors {result.errors}", flush=True)
+              f"p99 {result.p99_ms:8.2f} ms  errors {result.errors}  (stolen {stolen.fraction():.0%})", flush=True)
         results.append(result)
     return results
 
@@ -258,11 +260,14 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="dae-bench-serve-"))
     print(f"bench/serve.py: load generator {generator}, {duration:g} s per level, levels {levels}")
     print(f"load average at start: {load_average()}")
+    whole_run = StolenCpu()
     print(f"work directory: {workdir}")
     redis_server = RedisServer(workdir / "redis")
     try:
         return run(arguments, workdir, redis_server.url, levels, duration, warm_up, generator)
     finally:
+        print(f"CPU stolen by the host (other virtual machines) during the run: {whole_run.fraction():.0%} of the "
+              "cores' time; figures from runs with much steal are not comparable with quiet ones")
         redis_server.stop()
         if not arguments.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -390,8 +395,10 @@ def paired_rounds(variants: dict[str, str], constant_url: str, body: bytes, roun
     """
     print(f"\n== paired rounds at c={HEADLINE_CONCURRENCY}: each gateway run followed by a ceiling run")
     paired: dict[str, list[tuple[LoadResult, LoadResult]]] = {label: [] for label in variants}
+    stolen = StolenCpu()
     for round_index in range(rounds):
         for label, url in variants.items():
+            stolen.start()
             gateway_run = run_load(url, body, concurrency=HEADLINE_CONCURRENCY, duration_s=duration_s,
                                    label=label, generator=generator)
             ceiling_run = run_load(constant_url, body, concurrency=HEADLINE_CONCURRENCY, duration_s=duration_s,
@@ -399,7 +406,8 @@ def paired_rounds(variants: dict[str, str], constant_url: str, body: bytes, roun
             paired[label].append((gateway_run, ceiling_run))
             print(f"  round {round_index + 1}: {label:<22} {gateway_run.rps:9.1f} req/s (p99 {gateway_run.p99_ms:6.2f} ms, "
                   f"errors {gateway_run.errors}) vs ceiling {ceiling_run.rps:9.1f} req/s: "
-                  f"{gateway_run.rps / ceiling_run.rps:.0%}", flush=True)
+                  f"{gateway_run.rps / ceiling_run.rps:.0%}  (CPU stolen by the host: {stolen.fraction():.0%})",
+                  flush=True)
     return paired
 
 
