@@ -208,6 +208,17 @@ async def _run_python(url: str, body: bytes, *, concurrency: int, duration_s: fl
                       p50_ms=p50, p95_ms=p95, p99_ms=p99, generator="python", error_kinds=errors)
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_cpu_seconds(path: str) -> float:
+    """utime + stime of a /proc/.../stat file, seconds."""
+    with open(path) as stat:
+        text = stat.read()
+    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
 class UvicornServer:
     """`python -m uvicorn <app>` on a free port, one process, no access log (the same flags for every app)."""
 
@@ -256,6 +267,13 @@ class UvicornServer:
         if self.process is None:
             raise RuntimeError("the server was not started")
         return process_memory_mib(self.process.pid)
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """(CPU seconds of the main thread, which runs the event loop; of the whole process), user + system."""
+        if self.process is None:
+            raise RuntimeError("the server was not started")
+        pid = self.process.pid
+        return _stat_cpu_seconds(f"/proc/{pid}/task/{pid}/stat"), _stat_cpu_seconds(f"/proc/{pid}/stat")
 
     def stop(self) -> None:
         """SIGTERM the process group (graceful), SIGKILL if it lingers."""

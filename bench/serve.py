@@ -325,7 +325,8 @@ def run(arguments: argparse.Namespace, workdir: Path, redis_url: str, levels: li
                                      warm_up)
             variants = {"full response": endpoint, "compact response": f"{endpoint}?{COMPACT_QUERY}",
                         "image+stats response": lean}
-            paired = paired_rounds(variants, constant_url, bodies.dense_png, arguments.rounds, duration, generator)
+            paired = paired_rounds(gateway, variants, constant, constant_url, bodies.dense_png, arguments.rounds,
+                                   duration, generator)
     print("\n== baseline (a): FastAPI + Keras model.predict, nested lists")
     keras_env = {"BENCH_KERAS_MODEL": str(store.artifact_path(dense.id, "model.keras"))}
     # Each predict takes tens of ms, so at high concurrency answers take seconds: longer runs, longer timeouts.
@@ -378,48 +379,83 @@ def run(arguments: argparse.Namespace, workdir: Path, redis_url: str, levels: li
                    rss_mib <= TARGET_RSS_MIB and sessions >= MODELS_FOR_MEMORY))
     for description, target, passed in checks:
         print(f"  {verdict(passed)}  {description}  (target {target})")
-    paired_runs = [gateway_run for rounds in paired.values() for gateway_run, _ in rounds]
+    paired_runs = [pair.gateway for rounds in paired.values() for pair in rounds]
     all_errors = sum(result.errors for result in full + compact + image_only + pixels + conv_full + batch + paired_runs)
     print(f"\nall gateway runs: {all_errors} errors")
     print(f"load average at end: {load_average()}")
     return 0 if all(passed for _, _, passed in checks) else 1
 
 
-def paired_rounds(variants: dict[str, str], constant_url: str, body: bytes, rounds: int, duration_s: float,
-                  generator: str) -> dict[str, list[tuple[LoadResult, LoadResult]]]:
+@dataclass
+class PairedRound:
+    """One gateway run at the headline concurrency and the ceiling run right after it, with the CPU each server
+    spent per answered request (its event-loop thread, and the whole process) during its run."""
+
+    gateway: LoadResult
+    ceiling: LoadResult
+    gateway_loop_us: float
+    gateway_process_us: float
+    ceiling_loop_us: float
+
+    @property
+    def share(self) -> float:
+        return self.gateway.rps / self.ceiling.rps if self.ceiling.rps > 0 else float("nan")
+
+    @property
+    def cpu_share(self) -> float:
+        """Ceiling loop CPU per request / gateway loop CPU per request: the share each server's one event-loop
+        thread allows, which CPU stolen by the host barely moves (time not running is not counted)."""
+        return self.ceiling_loop_us / self.gateway_loop_us if self.gateway_loop_us > 0 else float("nan")
+
+
+def measured_run(server: UvicornServer, url: str, body: bytes, label: str, duration_s: float,
+                 generator: str) -> tuple[LoadResult, float, float]:
+    """A load run at the headline concurrency and the server's (loop thread, process) CPU µs per request in it."""
+    loop_before, process_before = server.cpu_seconds()
+    result = run_load(url, body, concurrency=HEADLINE_CONCURRENCY, duration_s=duration_s, label=label,
+                      generator=generator)
+    loop_after, process_after = server.cpu_seconds()
+    answered = max(result.requests, 1)
+    return result, (loop_after - loop_before) / answered * 1e6, (process_after - process_before) / answered * 1e6
+
+
+def paired_rounds(gateway: UvicornServer, variants: dict[str, str], constant: UvicornServer, constant_url: str,
+                  body: bytes, rounds: int, duration_s: float, generator: str) -> dict[str, list[PairedRound]]:
     """At the headline concurrency, each variant's run directly followed by a run of the ceiling, `rounds` times.
 
     On a shared machine the available CPU drifts within minutes (the ceiling alone was measured anywhere from
-    4,100 to 7,900 req/s on one machine in one afternoon); a ratio of two runs seconds apart is far steadier than
-    a ratio of two sweeps minutes apart.
+    2,200 to 7,900 req/s on one machine in one afternoon, as other virtual machines took up to a third of the
+    time); a ratio of two runs seconds apart is steadier than one of two sweeps minutes apart, and the CPU each
+    server spends per request is steadier still.
     """
     print(f"\n== paired rounds at c={HEADLINE_CONCURRENCY}: each gateway run followed by a ceiling run")
-    paired: dict[str, list[tuple[LoadResult, LoadResult]]] = {label: [] for label in variants}
+    paired: dict[str, list[PairedRound]] = {label: [] for label in variants}
     stolen = StolenCpu()
     for round_index in range(rounds):
         for label, url in variants.items():
             stolen.start()
-            gateway_run = run_load(url, body, concurrency=HEADLINE_CONCURRENCY, duration_s=duration_s,
-                                   label=label, generator=generator)
-            ceiling_run = run_load(constant_url, body, concurrency=HEADLINE_CONCURRENCY, duration_s=duration_s,
-                                   label="constant JSON", generator=generator)
-            paired[label].append((gateway_run, ceiling_run))
-            print(f"  round {round_index + 1}: {label:<22} {gateway_run.rps:9.1f} req/s (p99 {gateway_run.p99_ms:6.2f} ms, "
-                  f"errors {gateway_run.errors}) vs ceiling {ceiling_run.rps:9.1f} req/s: "
-                  f"{gateway_run.rps / ceiling_run.rps:.0%}  (CPU stolen by the host: {stolen.fraction():.0%})",
-                  flush=True)
+            gateway_run, loop_us, process_us = measured_run(gateway, url, body, label, duration_s, generator)
+            ceiling_run, ceiling_loop_us, _ = measured_run(constant, constant_url, body, "constant JSON", duration_s,
+                                                           generator)
+            pair = PairedRound(gateway_run, ceiling_run, loop_us, process_us, ceiling_loop_us)
+            paired[label].append(pair)
+            print(f"  round {round_index + 1}: {label:<22} {gateway_run.rps:8.1f} req/s (p99 {gateway_run.p99_ms:6.2f} "
+                  f"ms, errors {gateway_run.errors}) vs ceiling {ceiling_run.rps:8.1f}: {pair.share:4.0%};  loop CPU "
+                  f"{loop_us:4.0f} vs {ceiling_loop_us:4.0f} µs/request: {pair.cpu_share:4.0%} (gateway process "
+                  f"{process_us:4.0f} µs/request);  stolen by the host {stolen.fraction():.0%}", flush=True)
     return paired
 
 
-def headline_checks(label: str, rounds: list[tuple[LoadResult, LoadResult]], keras: LoadResult) -> list[tuple]:
+def headline_checks(label: str, rounds: list[PairedRound], keras: LoadResult) -> list[tuple]:
     """(description, target, passed) of the four c=32 targets for one response variant, from its paired rounds
     (medians over the rounds; every round's figure is printed)."""
-    gateway_rps = statistics.median(gateway.rps for gateway, _ in rounds)
-    shares = [gateway.rps / ceiling.rps if ceiling.rps > 0 else float("nan") for gateway, ceiling in rounds]
+    gateway_rps = statistics.median(pair.gateway.rps for pair in rounds)
+    shares = [pair.share for pair in rounds]
     share = statistics.median(shares)
-    p99s = [gateway.p99_ms for gateway, _ in rounds]
+    cpu_share = statistics.median(pair.cpu_share for pair in rounds)
+    p99s = [pair.gateway.p99_ms for pair in rounds]
     p99 = statistics.median(p99s)
-    errors = sum(gateway.errors for gateway, _ in rounds)
+    errors = sum(pair.gateway.errors for pair in rounds)
     speedup = gateway_rps / keras.rps if keras.rps > 0 else float("nan")
     prefix = f"dense 28x28 c={HEADLINE_CONCURRENCY}, {label}:"
     keras_note = "" if keras.requests else " (the baseline completed no request: raise --duration)"
@@ -427,7 +463,7 @@ def headline_checks(label: str, rounds: list[tuple[LoadResult, LoadResult]], ker
         (f"{prefix} {speedup:.0f}x the req/s of Keras model.predict ({gateway_rps:,.0f} vs {keras.rps:,.1f})"
          f"{keras_note}", f">= {TARGET_SPEEDUP_VS_KERAS:.0f}x", speedup >= TARGET_SPEEDUP_VS_KERAS),
         (f"{prefix} {share:.0%} of the constant-JSON ceiling (median of rounds: "
-         + ", ".join(f"{value:.0%}" for value in shares) + ")",
+         + ", ".join(f"{value:.0%}" for value in shares) + f"; by event-loop CPU per request: {cpu_share:.0%})",
          f">= {TARGET_SHARE_OF_CEILING:.0%}", share >= TARGET_SHARE_OF_CEILING),
         (f"{prefix} p99 {p99:.1f} ms (median of rounds: " + ", ".join(f"{value:.1f}" for value in p99s) + ")",
          f"<= {TARGET_P99_MS:.0f} ms", p99 <= TARGET_P99_MS),
