@@ -288,15 +288,8 @@ def _png_head(width: int, height: int, color_type: int) -> bytes:
     return _PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0))
 
 
-def _png_rows(height: int, row_bytes: int) -> np.ndarray:
-    """An uninitialised (H, 1 + row_bytes) uint8 buffer whose first column, each row's filter type, is 0 (None)."""
-    rows = np.empty((height, 1 + row_bytes), np.uint8)
-    rows[:, 0] = 0
-    return rows
-
-
 def _png_bytes(rows: np.ndarray, width: int, color_type: int, palette_chunk: bytes = b"") -> bytes:
-    """An 8-bit PNG of filtered rows (see _png_rows), written directly; zlib level PNG_COMPRESS_LEVEL, 0 when small.
+    """An 8-bit PNG of filtered rows (see png_rows), written directly; zlib level PNG_COMPRESS_LEVEL, 0 when small.
 
     Written with zlib instead of Pillow because Pillow's encoder costs ~0.4 ms per small image in set-up alone,
     several times the whole denoising of a 28x28 image; readers of the PNG cannot tell the difference.
@@ -306,10 +299,54 @@ def _png_bytes(rows: np.ndarray, width: int, color_type: int, palette_chunk: byt
         (
             _png_head(width, len(rows), color_type),
             palette_chunk,
-            _png_chunk(b"IDAT", zlib.compress(memoryview(rows), level)),
+            _png_chunk(b"IDAT", zlib.compress(memoryview(np.ascontiguousarray(rows)), level)),
             _PNG_IEND,
         )
     )
+
+
+def _filtered_rows(values: np.ndarray) -> np.ndarray:
+    """(N, H, 1 + R) uint8 from (N, H, R) float values already scaled to [0, 255.5): each row led by PNG filter
+    type 0 (None), the values truncated after the caller's +0.5, i.e. rounded."""
+    rows = np.empty((*values.shape[:2], 1 + values.shape[2]), np.uint8)
+    rows[:, :, 0] = 0
+    rows[:, :, 1:] = values
+    return rows
+
+
+def png_rows(images: np.ndarray) -> np.ndarray:
+    """PNG-ready rows of float images (N, H, W, C) in [0, 1]: (N, H, 1 + W·C) uint8, rounded to 8 bits.
+
+    One vectorized pass for a whole batch (the inference engine prepares them per micro-batch, off the event loop);
+    png_from_rows then only compresses and frames one image."""
+    count, height = images.shape[:2]
+    scaled = np.multiply(images.reshape(count, height, -1), np.float32(255), dtype=np.float32)
+    scaled += 0.5
+    return _filtered_rows(scaled)
+
+
+def heatmap_rows(error_maps: np.ndarray, maxima: np.ndarray) -> np.ndarray:
+    """PNG-ready palette indices of (N, H, W) error maps: 0 → 0, each map's maximum → 255 (see heatmap_png)."""
+    maxima = np.asarray(maxima, dtype=np.float64)
+    # The scale in float64, then float32: the same numbers as heatmap_png's Python-float scale.
+    scale = np.divide(255.0, maxima, out=np.zeros_like(maxima), where=maxima > 0).astype(np.float32)
+    indices = np.multiply(error_maps, scale[:, None, None], dtype=np.float32)
+    np.minimum(indices, 255, out=indices)  # error maps are >= 0: only the top needs clipping
+    indices += 0.5
+    return _filtered_rows(indices)
+
+
+def png_from_rows(rows: np.ndarray, width: int) -> bytes:
+    """The PNG of one image's rows from png_rows (gray or RGB, from the row length)."""
+    channels = (rows.shape[1] - 1) // width
+    if channels not in _PNG_COLOR_TYPES:
+        raise ValueError(f"Expected an image with 1 or 3 channels. Received: {channels} channels")
+    return _png_bytes(rows, width, _PNG_COLOR_TYPES[channels])
+
+
+def heatmap_png_from_rows(rows: np.ndarray, width: int) -> bytes:
+    """The inferno palette PNG of one error map's rows from heatmap_rows."""
+    return _png_bytes(rows, width, 3, _HEATMAP_PLTE)
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -317,17 +354,17 @@ def encode_png(image: np.ndarray) -> bytes:
     channels = 1 if image.ndim == 2 else image.shape[2]
     if channels not in _PNG_COLOR_TYPES:
         raise ValueError(f"Expected an image with 1 or 3 channels. Received: shape={list(image.shape)}")
-    height, width = image.shape[:2]
-    scaled = np.multiply(image.reshape(height, -1), np.float32(255), dtype=np.float32)
-    scaled += 0.5
-    rows = _png_rows(height, scaled.shape[1])
-    rows[:, 1:] = scaled  # the float → uint8 cast truncates: with the +0.5, rounding
-    return _png_bytes(rows, width, _PNG_COLOR_TYPES[channels])
+    return png_from_rows(png_rows(image.reshape(1, *image.shape[:2], channels))[0], image.shape[1])
+
+
+def base64_text(data: bytes) -> str:
+    """Standard base64 of `data` as text (what JSON responses carry)."""
+    return base64.b64encode(data).decode("ascii")
 
 
 def encode_png_base64(image: np.ndarray) -> str:
     """base64 text of `encode_png(image)`."""
-    return base64.b64encode(encode_png(image)).decode("ascii")
+    return base64_text(encode_png(image))
 
 
 def float32_base64(array: np.ndarray) -> str:
@@ -339,16 +376,4 @@ def float32_base64(array: np.ndarray) -> str:
 def heatmap_png(error_map: np.ndarray, vmax: float | None = None) -> bytes:
     """A palette PNG of an H×W error map in the inferno colormap; 0 is black, `vmax` (default: the map's max) white-yellow."""
     top = float(np.maximum.reduce(error_map, axis=None)) if vmax is None else float(vmax)
-    scale = 255.0 / top if top > 0 else 0.0
-    indices = np.multiply(error_map, scale, dtype=np.float32)
-    np.minimum(indices, 255, out=indices)  # error maps are >= 0: only the top needs clipping
-    indices += 0.5
-    height, width = error_map.shape
-    rows = _png_rows(height, width)
-    rows[:, 1:] = indices  # float → uint8 truncation after +0.5: rounding
-    return _png_bytes(rows, width, 3, _HEATMAP_PLTE)
-
-
-def heatmap_png_base64(error_map: np.ndarray, vmax: float | None = None) -> str:
-    """base64 text of `heatmap_png(error_map, vmax)`."""
-    return base64.b64encode(heatmap_png(error_map, vmax)).decode("ascii")
+    return heatmap_png_from_rows(heatmap_rows(error_map[None], np.array([top]))[0], error_map.shape[1])

@@ -46,6 +46,7 @@ from dae.errors import InvalidImage, Overloaded
 from dae.spec import ModelCard
 from dae.store import CARD_FILE, ModelStore, is_model_id
 from service.error_maps import ErrorMaps
+from service.images import heatmap_rows, png_rows
 
 logger = logging.getLogger(__name__)
 
@@ -198,10 +199,24 @@ class SessionCache:
 
 @dataclass(frozen=True)
 class Denoised:
-    """Outputs (N, H, W, C), clipped to [0, 1], and their L1 error maps against the inputs the model saw."""
+    """Outputs (N, H, W, C), clipped to [0, 1], their L1 error maps against the inputs the model saw, and both
+    as PNG-ready rows (service.images.png_rows / heatmap_rows): what every /reconstruct answer is built from."""
 
     outputs: np.ndarray
     errors: ErrorMaps
+    png_rows: np.ndarray
+    heatmap_rows: np.ndarray
+
+    @classmethod
+    def of(cls, inputs: np.ndarray, outputs: np.ndarray) -> Denoised:
+        """Everything derived from a batch's outputs, in vectorized passes over the batch."""
+        errors = ErrorMaps.between(inputs, outputs)
+        return cls(outputs, errors, png_rows(outputs), heatmap_rows(errors.maps, errors.maxima))
+
+    def rows(self, start: int, stop: int) -> Denoised:
+        """Images start..stop (views)."""
+        return Denoised(self.outputs[start:stop], self.errors.rows(start, stop), self.png_rows[start:stop],
+                        self.heatmap_rows[start:stop])
 
 
 @dataclass
@@ -383,8 +398,7 @@ class InferenceEngine:
         denoised: Denoised = await request.future
         if (padded_h, padded_w) != (height, width):
             # The batch's maps cover the padding: crop the output and measure it against the original images.
-            output = denoised.outputs[:, :height, :width, :]
-            return Denoised(output, ErrorMaps.between(request.images[:, :height, :width, :], output))
+            return Denoised.of(request.images[:, :height, :width, :], denoised.outputs[:, :height, :width, :])
         return denoised
 
     def _close_batch(self, key: tuple[str, int, int]) -> None:
@@ -438,8 +452,9 @@ class InferenceEngine:
         np.clip(output, 0.0, 1.0, out=output)
         if self.on_batch is not None:
             self.on_batch(len(inputs), time.perf_counter() - started)
-        # Every caller needs its error maps: computed here for the whole batch, off the event loop.
-        return Denoised(output, ErrorMaps.between(inputs, output))
+        # Every caller needs its error maps and PNG rows: computed here for the whole batch, off the event loop
+        # (numpy releases the GIL in these batch-sized loops).
+        return Denoised.of(inputs, output)
 
     def _finish_batch(self, batch: list[_Request], size: int, done: asyncio.Future) -> None:
         """On the event loop: hand every caller its slice, then start the next ready lane."""
@@ -457,8 +472,7 @@ class InferenceEngine:
                     request.future.set_exception(error)
                 else:
                     result: Denoised = done.result()
-                    stop = start + count
-                    request.future.set_result(Denoised(result.outputs[start:stop], result.errors.rows(start, stop)))
+                    request.future.set_result(result.rows(start, start + count))
             start += count
         while self._ready and self._running < self.workers:
             key = self._ready.popleft()

@@ -38,14 +38,16 @@ from service.config import Settings
 from service.deps import ApiKeyRequired, InferenceDep, SettingsDep
 from service.error_maps import ErrorMaps
 from service.images import (
+    base64_text,
     decode_base64_image,
     decode_image_bytes,
     decode_raw_array,
     encode_png,
     encode_png_base64,
     float32_base64,
-    heatmap_png_base64,
+    heatmap_png_from_rows,
     pixels_to_array,
+    png_from_rows,
     to_channels,
 )
 from service.inference import Denoised, InferenceEngine, LoadedModel
@@ -462,11 +464,12 @@ def build_results(
     if cleans is not None:
         clean_entries = _clean_comparisons(inputs, outputs, cleans, encode_error_map)
     shape = list(outputs.shape[1:])
+    width = outputs.shape[2]
     results = []
     for index, output in enumerate(outputs):
         entry: dict[str, Any] = {"shape": shape}
         if output_format != "f32":
-            entry["denoised_png"] = encode_png_base64(output)
+            entry["denoised_png"] = base64_text(png_from_rows(denoised.png_rows[index], width))
         if output_format == "array":
             entry["denoised"] = output
         elif output_format == "f32":
@@ -475,7 +478,7 @@ def build_results(
             entry["noisy_png"] = encode_png_base64(inputs[index])
         entry.update(encode_error_map(error_maps[index]))
         if heatmap:
-            entry["error_heatmap_png"] = heatmap_png_base64(error_maps[index], vmax=stats[index]["max"])
+            entry["error_heatmap_png"] = base64_text(heatmap_png_from_rows(denoised.heatmap_rows[index], width))
         entry["error_stats"] = stats[index]
         if clean_entries is not None:
             entry["clean"] = clean_entries[index]

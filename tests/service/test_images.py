@@ -187,3 +187,22 @@ def test_float32_base64_round_trips():
     values = RNG.random((3, 5), dtype=np.float32)
     decoded = np.frombuffer(base64.b64decode(float32_base64(values)), "<f4").reshape(3, 5)
     np.testing.assert_array_equal(decoded, values)
+
+
+def test_batch_png_rows_give_the_same_files_as_single_image_encoding():
+    """The inference engine prepares PNG rows per micro-batch: byte-identical to encoding each image alone."""
+    from service.images import heatmap_png_from_rows, heatmap_rows, png_from_rows, png_rows
+
+    gray, rgb = RNG.random((3, 6, 5, 1), dtype=np.float32), RNG.random((2, 4, 7, 3), dtype=np.float32)
+    for batch in (gray, rgb):
+        rows = png_rows(batch)
+        assert rows.shape == (len(batch), batch.shape[1], 1 + batch.shape[2] * batch.shape[3])
+        for index, image in enumerate(batch):
+            assert png_from_rows(rows[index], batch.shape[2]) == encode_png(image)
+    maps = RNG.random((3, 6, 5), dtype=np.float32)
+    maps[1] = 0.0  # an exact reconstruction: all black, no division by zero
+    maxima = maps.reshape(3, -1).max(axis=1)
+    palette_rows = heatmap_rows(maps, maxima)
+    for index in range(3):
+        assert heatmap_png_from_rows(palette_rows[index], 5) == heatmap_png(maps[index], vmax=float(maxima[index]))
+    assert not palette_rows[1, :, 1:].any()
