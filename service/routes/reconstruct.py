@@ -42,7 +42,6 @@ from service.images import (
     decode_base64_image,
     decode_image_bytes,
     decode_raw_array,
-    encode_png,
     encode_png_base64,
     float32_base64,
     heatmap_png_from_rows,
@@ -641,7 +640,7 @@ async def reconstruct(
     if wants_png:
         error = float(outputs[0].errors.means[0])
         return Response(
-            encode_png(outputs[0].outputs[0]),
+            png_from_rows(outputs[0].png_rows[0], outputs[0].outputs.shape[2]),
             media_type="image/png",
             headers={"X-Mean-L1-Error": f"{error:.6g}", "X-Model-Id": model.model_id},
         )
