@@ -206,3 +206,16 @@ def test_batch_png_rows_give_the_same_files_as_single_image_encoding():
     for index in range(3):
         assert heatmap_png_from_rows(palette_rows[index], 5) == heatmap_png(maps[index], vmax=float(maxima[index]))
     assert not palette_rows[1, :, 1:].any()
+
+
+@pytest.mark.parametrize("size", [0, 1, 812, 4096, 65535, 65536, 140_000])
+def test_stored_zlib_stream_is_what_zlib_writes_at_level_0(size):
+    import zlib
+
+    from service.images import _zlib_stored
+
+    data = RNG.integers(0, 256, size, dtype=np.uint8).tobytes()
+    stream = _zlib_stored(memoryview(data))
+    assert zlib.decompress(stream) == data
+    if size <= 4096:  # one stored block: byte for byte what zlib.compress(data, 0) returns
+        assert stream == zlib.compress(data, 0)
