@@ -51,7 +51,7 @@ def max_and_percentile_rows(flat: np.ndarray, percent: float) -> tuple[np.ndarra
     return top, lower + (upper - lower) * np.float32(weight)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # per request: plain slots (a frozen dataclass sets each field via object.__setattr__)
 class ErrorMaps:
     """Error maps (N, H, W) and, per map, its mean, max and ERROR_PERCENTILE percentile (N,)."""
 

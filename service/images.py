@@ -283,20 +283,40 @@ _HEATMAP_PLTE = _png_chunk(b"PLTE", HEATMAP_LUT.tobytes())  # colour type 3 (pal
 
 
 @functools.lru_cache(maxsize=256)
-def _png_head(width: int, height: int, color_type: int) -> bytes:
-    """Signature and IHDR of an 8-bit PNG (the same few sizes repeat: cached)."""
-    return _PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0))
+def _png_prefix(width: int, height: int, color_type: int) -> tuple[bytes, str | None]:
+    """Signature, IHDR and (palette images) PLTE of an 8-bit PNG, and their base64 when it can be reused.
+
+    The same few sizes repeat, so both are cached. The prefix is 33 bytes (813 with the 768-byte palette), a
+    multiple of 3, so base64(prefix + rest) == base64(prefix) + base64(rest): a response encodes only the rest.
+    """
+    prefix = _PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0))
+    if color_type == 3:
+        prefix += _HEATMAP_PLTE
+    return prefix, (base64_text(prefix) if len(prefix) % 3 == 0 else None)
 
 
-def _png_bytes(rows: np.ndarray, width: int, color_type: int, palette_chunk: bytes = b"") -> bytes:
-    """An 8-bit PNG of filtered rows (see png_rows), written directly; zlib level PNG_COMPRESS_LEVEL, 0 when small.
+def _png_rest(rows: np.ndarray) -> bytes:
+    """IDAT and IEND of filtered rows (see png_rows): stored when small, else zlib level PNG_COMPRESS_LEVEL.
 
     Written with zlib instead of Pillow because Pillow's encoder costs ~0.4 ms per small image in set-up alone,
     several times the whole denoising of a 28x28 image; readers of the PNG cannot tell the difference.
     """
     data = memoryview(np.ascontiguousarray(rows)).cast("B")
     pixels = _zlib_stored(data) if len(data) <= PNG_STORE_BELOW_BYTES else zlib.compress(data, PNG_COMPRESS_LEVEL)
-    return b"".join((_png_head(width, len(rows), color_type), palette_chunk, _png_chunk(b"IDAT", pixels), _PNG_IEND))
+    return _png_chunk(b"IDAT", pixels) + _PNG_IEND
+
+
+def _png_bytes(rows: np.ndarray, width: int, color_type: int) -> bytes:
+    """An 8-bit PNG of filtered rows (palette: the heatmap's, for colour type 3)."""
+    return _png_prefix(width, len(rows), color_type)[0] + _png_rest(rows)
+
+
+def _png_base64(rows: np.ndarray, width: int, color_type: int) -> str:
+    """base64 text of _png_bytes(rows, width, color_type), reusing the prefix's cached base64."""
+    prefix, prefix_text = _png_prefix(width, len(rows), color_type)
+    if prefix_text is None:
+        return base64_text(prefix + _png_rest(rows))
+    return prefix_text + base64_text(_png_rest(rows))
 
 
 _ZLIB_STORED_HEADER = b"\x78\x01"  # deflate, 32 KiB window, no preset dictionary, "fastest" (FCHECK valid)
@@ -347,17 +367,31 @@ def heatmap_rows(error_maps: np.ndarray, maxima: np.ndarray) -> np.ndarray:
     return _filtered_rows(indices)
 
 
-def png_from_rows(rows: np.ndarray, width: int) -> bytes:
-    """The PNG of one image's rows from png_rows (gray or RGB, from the row length)."""
+def _color_type(rows: np.ndarray, width: int) -> int:
     channels = (rows.shape[1] - 1) // width
     if channels not in _PNG_COLOR_TYPES:
         raise ValueError(f"Expected an image with 1 or 3 channels. Received: {channels} channels")
-    return _png_bytes(rows, width, _PNG_COLOR_TYPES[channels])
+    return _PNG_COLOR_TYPES[channels]
+
+
+def png_from_rows(rows: np.ndarray, width: int) -> bytes:
+    """The PNG of one image's rows from png_rows (gray or RGB, from the row length)."""
+    return _png_bytes(rows, width, _color_type(rows, width))
+
+
+def png_base64_from_rows(rows: np.ndarray, width: int) -> str:
+    """base64 text of png_from_rows(rows, width)."""
+    return _png_base64(rows, width, _color_type(rows, width))
 
 
 def heatmap_png_from_rows(rows: np.ndarray, width: int) -> bytes:
     """The inferno palette PNG of one error map's rows from heatmap_rows."""
-    return _png_bytes(rows, width, 3, _HEATMAP_PLTE)
+    return _png_bytes(rows, width, 3)
+
+
+def heatmap_png_base64_from_rows(rows: np.ndarray, width: int) -> str:
+    """base64 text of heatmap_png_from_rows(rows, width)."""
+    return _png_base64(rows, width, 3)
 
 
 def encode_png(image: np.ndarray) -> bytes:

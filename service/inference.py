@@ -197,7 +197,7 @@ class SessionCache:
             return len(self._models)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # per request: plain slots (a frozen dataclass sets each field via object.__setattr__)
 class Denoised:
     """Outputs (N, H, W, C), clipped to [0, 1], their L1 error maps against the inputs the model saw, and both
     as PNG-ready rows (service.images.png_rows / heatmap_rows): what every /reconstruct answer is built from."""

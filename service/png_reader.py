@@ -2,7 +2,7 @@
 
 Pillow's PngImageFile reads a file through Python-level chunk parsing, tile set-up and ImageFile.load: ~50-80 µs on
 a 28x28 image, of which inflating and unfiltering the pixels take ~15 µs. For the common case this reader walks the
-chunks itself (every CRC checked) and hands the IDAT data straight to Pillow's C decoder (inflate + unfilter), so
+chunks itself (CRCs checked, IDAT's left to zlib's checksum as Pillow does) and hands the IDAT data straight to Pillow's C decoder (inflate + unfilter), so
 pixels are still decoded by Pillow. It never raises on a bad file: anything it does not handle, or cannot read,
 returns None and the caller uses Pillow's full reader, which then decodes it or explains what is wrong.
 Pillow is pinned; tests/service/test_png_reader.py checks every accepted file against Pillow's own reader.
@@ -43,9 +43,10 @@ def read_simple_png(content: bytes, *, max_side: int) -> np.ndarray | None:
         data_end = position + 8 + length
         if data_end + 4 > end:
             return None
-        (stored_crc,) = struct.unpack_from(">I", content, data_end)
-        if zlib.crc32(view[position + 4 : data_end]) != stored_crc:
-            return None
+        if tag != b"IDAT":  # pixel data is guarded by zlib's own checksum; Pillow does not check IDAT CRCs either
+            (stored_crc,) = struct.unpack_from(">I", content, data_end)
+            if zlib.crc32(view[position + 4 : data_end]) != stored_crc:
+                return None
         if tag == b"IHDR":
             if length != _IHDR.size or header is not None:
                 return None

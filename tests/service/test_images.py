@@ -191,7 +191,14 @@ def test_float32_base64_round_trips():
 
 def test_batch_png_rows_give_the_same_files_as_single_image_encoding():
     """The inference engine prepares PNG rows per micro-batch: byte-identical to encoding each image alone."""
-    from service.images import heatmap_png_from_rows, heatmap_rows, png_from_rows, png_rows
+    from service.images import (
+        heatmap_png_base64_from_rows,
+        heatmap_png_from_rows,
+        heatmap_rows,
+        png_base64_from_rows,
+        png_from_rows,
+        png_rows,
+    )
 
     gray, rgb = RNG.random((3, 6, 5, 1), dtype=np.float32), RNG.random((2, 4, 7, 3), dtype=np.float32)
     for batch in (gray, rgb):
@@ -199,12 +206,16 @@ def test_batch_png_rows_give_the_same_files_as_single_image_encoding():
         assert rows.shape == (len(batch), batch.shape[1], 1 + batch.shape[2] * batch.shape[3])
         for index, image in enumerate(batch):
             assert png_from_rows(rows[index], batch.shape[2]) == encode_png(image)
+            # The base64 reuses the cached prefix's text: the same as encoding the whole file.
+            assert png_base64_from_rows(rows[index], batch.shape[2]) == base64.b64encode(encode_png(image)).decode()
     maps = RNG.random((3, 6, 5), dtype=np.float32)
     maps[1] = 0.0  # an exact reconstruction: all black, no division by zero
     maxima = maps.reshape(3, -1).max(axis=1)
     palette_rows = heatmap_rows(maps, maxima)
     for index in range(3):
-        assert heatmap_png_from_rows(palette_rows[index], 5) == heatmap_png(maps[index], vmax=float(maxima[index]))
+        expected = heatmap_png(maps[index], vmax=float(maxima[index]))
+        assert heatmap_png_from_rows(palette_rows[index], 5) == expected
+        assert heatmap_png_base64_from_rows(palette_rows[index], 5) == base64.b64encode(expected).decode()
     assert not palette_rows[1, :, 1:].any()
 
 
