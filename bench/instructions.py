@@ -1,6 +1,6 @@
 """The ceiling share of POST /reconstruct in CPU instructions: a figure the machine's noise does not move.
 
-    .venv/bin/python bench/instructions.py [--requests 600] [--train-images 1000]
+    .venv/bin/python bench/instructions.py [--requests 600] [--train-images 1000] [--keep DIR]
 
 bench/serve.py's ratio of requests/s swings by ±10 points between consecutive rounds on a shared 2-core virtual
 machine. This script runs the same comparison under valgrind's callgrind, which counts executed instructions
@@ -108,10 +108,22 @@ def measure(server: CallgrindServer, url: str, body: bytes, requests: int) -> tu
     return total / requests, main / requests
 
 
+def keep(dumps: Path, destination: Path | None, label: str) -> None:
+    """Copy one variant's callgrind dumps to destination/label (kept after the run; see `--keep`)."""
+    if destination is None:
+        return
+    target = destination / label.replace("+", "-")
+    target.mkdir(parents=True, exist_ok=True)
+    for dump in dumps.glob("callgrind.*"):
+        shutil.copy2(dump, target / dump.name)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=600, help="counted requests per variant (default 600)")
     parser.add_argument("--train-images", type=int, default=1000, help="training images of the model (default 1000)")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="copy the callgrind dumps here (one folder per variant), for callgrind_annotate")
     arguments = parser.parse_args()
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         print("valgrind is not installed: apt-get install -y valgrind")
@@ -134,12 +146,14 @@ def main() -> int:
                 for old in (workdir / "gateway").glob("callgrind.*"):
                     old.unlink()
                 results[label] = measure(gateway, url, bodies.dense_png, arguments.requests)
+                keep(workdir / "gateway", arguments.keep, label)
                 print(f"  gateway {label:<12} {results[label][0]:>12,.0f} instructions/request "
                       f"(event loop {results[label][1]:,.0f}) [{time.perf_counter() - started:.0f} s]", flush=True)
         (workdir / "constant").mkdir()
         with CallgrindServer("bench.baselines.constant_app:app", log_path=workdir / "constant.log",
                              out_dir=workdir / "constant") as constant:
             ceiling = measure(constant, constant.url + "/reconstruct", bodies.dense_png, arguments.requests)
+            keep(workdir / "constant", arguments.keep, "ceiling")
             print(f"  ceiling (constant JSON) {ceiling[0]:>12,.0f} instructions/request", flush=True)
         print("\nSHARE OF THE CEILING BY INSTRUCTIONS (ceiling / gateway, per request)")
         for label, (total, loop) in results.items():
