@@ -238,3 +238,38 @@ def test_error_maps_come_with_each_callers_rows_and_padded_sizes_are_measured_un
         np.testing.assert_allclose(denoised.errors.means, flat.mean(axis=1), rtol=1e-5)
         np.testing.assert_allclose(denoised.errors.maxima, flat.max(axis=1), rtol=1e-6)
         np.testing.assert_allclose(denoised.errors.p99s, np.percentile(flat, 99, axis=1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("limit, expected_thread", [(10**9, "event loop"), (0, "worker")])
+def test_small_batches_are_measured_on_the_loop_and_large_ones_in_the_worker_with_the_same_results(
+    store, dense_card, tiny_models, monkeypatch, limit, expected_thread
+):
+    """Where a batch's outputs are clipped and measured depends on its size (LOOP_POSTPROCESS_MAX_VALUES); the
+    results must not: outputs = onnxruntime's clipped to [0, 1], maps |input − output|, and on_batch sees the run."""
+    import service.inference as inference_module  # noqa: PLC0415
+
+    threads: list[str] = []
+    postprocess = inference_module._postprocess
+
+    def recording_postprocess(inputs, outputs):
+        threads.append("event loop" if threading.current_thread() is threading.main_thread() else "worker")
+        return postprocess(inputs, outputs)
+
+    monkeypatch.setattr(inference_module, "LOOP_POSTPROCESS_MAX_VALUES", limit)
+    monkeypatch.setattr(inference_module, "_postprocess", recording_postprocess)
+    observed: list[tuple[int, float]] = []
+    engine = make_engine(store, on_batch=lambda size, seconds: observed.append((size, seconds)))
+    batch = images(5) * 1.5 - 0.25  # outside [0, 1] too: the model's raw outputs may need clipping
+
+    async def scenario():
+        return await engine.denoise(await engine.model(dense_card.id), batch)
+
+    try:
+        denoised = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert threads == [expected_thread]
+    assert [size for size, _ in observed] == [5] and observed[0][1] > 0
+    expected = np.clip(run_onnx(tiny_models["dense"].onnx_path, batch), 0.0, 1.0)
+    np.testing.assert_allclose(denoised.outputs, expected, atol=1e-6)
+    np.testing.assert_allclose(denoised.errors.maps, np.abs(batch - denoised.outputs).mean(axis=-1), atol=1e-6)
