@@ -13,7 +13,6 @@ Colour conventions (explicit, so a client knows what the model saw):
 
 from __future__ import annotations
 
-import base64
 import binascii
 import functools
 import io
@@ -23,6 +22,7 @@ import zlib
 from typing import Any
 
 import numpy as np
+import pybase64
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from dae.errors import InvalidImage, PayloadTooLarge
@@ -75,12 +75,14 @@ def decode_base64(data: str, *, field: str) -> bytes:
     """Bytes of a base64 string (standard alphabet; a `data:...;base64,` prefix and whitespace are allowed)."""
     if _DATA_URL_SEPARATOR in data[:100]:
         data = data.split(_DATA_URL_SEPARATOR, 1)[1]
+    # pybase64: the standard library's codec with SIMD loops (same alphabet, padding and errors; ~6x faster on
+    # the kilobytes of a small image, which /reconstruct decodes and encodes several times per request).
     try:
-        return base64.b64decode(data, validate=True)
+        return pybase64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
         pass
     try:  # the slow path: line-wrapped base64 (e.g. from `base64` without -w0)
-        return base64.b64decode("".join(data.split()), validate=True)
+        return pybase64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError):
         raise InvalidImage(
             f"{field} is not valid base64. Expected standard base64 (optionally a data: URL). "
@@ -404,7 +406,7 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def base64_text(data: bytes) -> str:
     """Standard base64 of `data` as text (what JSON responses carry)."""
-    return base64.b64encode(data).decode("ascii")
+    return pybase64.b64encode_as_string(data)
 
 
 def encode_png_base64(image: np.ndarray) -> str:
@@ -415,7 +417,7 @@ def encode_png_base64(image: np.ndarray) -> str:
 def float32_base64(array: np.ndarray) -> str:
     """base64 of the array's little-endian float32 bytes, row-major (the compact response format)."""
     contiguous = np.ascontiguousarray(array, dtype="<f4")
-    return base64.b64encode(memoryview(contiguous).cast("B")).decode("ascii")
+    return pybase64.b64encode_as_string(memoryview(contiguous).cast("B"))
 
 
 def heatmap_png(error_map: np.ndarray, vmax: float | None = None) -> bytes:
