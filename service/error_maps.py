@@ -1,8 +1,8 @@
 """L1 error maps |reference − output| and their statistics (mean, max, p99), vectorized over a batch.
 
-The inference engine computes them for a whole micro-batch in its worker thread (one set of numpy calls for 32
-images instead of 32 sets on the event loop); the /reconstruct route uses the same functions for the maps against
-clean references.
+The inference engine computes them once per micro-batch (one set of numpy calls for 32 images instead of 32 sets),
+on the event loop for a small batch and in its worker thread for a large one; the /reconstruct route uses the same
+functions for the maps against clean references.
 """
 
 from __future__ import annotations

@@ -91,6 +91,6 @@ class GatewayMetrics:
         children[1].observe(seconds)
 
     def observe_batch(self, size: int, seconds: float) -> None:
-        """Record one micro-batch (called from the inference worker thread; prometheus_client is thread-safe)."""
+        """Record one micro-batch (called on the event loop when the batch is back; prometheus_client is thread-safe)."""
         self.batch_size.observe(size)
         self.batch_seconds.observe(seconds)
