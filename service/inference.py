@@ -59,13 +59,13 @@ WEIGHTS_MEMORY_FACTOR = 2.0
 #: How long a name (or name:version) keeps resolving to the same model id without looking at the store again:
 #: a newly published version of a name serves within this time.
 NAME_CACHE_TTL_S = 1.0
+NAME_CACHE_SIZE = 4096
 #: A batch of at most this many pixel values is clipped and measured (error maps, statistics, PNG rows) on the
 #: event loop once its onnxruntime run is back; a larger one in the worker thread, right after the run.
 #: numpy keeps the GIL on small arrays, so for a small batch the worker thread gains no parallelism, and taking
 #: the GIL from a busy event loop costs two forced hand-offs per batch (measured on 2 cores, dense 28x28, c=32:
-#: 3,509-3,670 req/s with the work in the worker thread, 3,792-4,139 with it on the loop).
+#: three paired runs gave 3,417/3,158/3,049 req/s with the work in the worker thread, 3,936/3,717/3,763 on the loop).
 LOOP_POSTPROCESS_MAX_VALUES = 128 * 1024
-NAME_CACHE_SIZE = 4096
 
 
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
