@@ -242,8 +242,8 @@ def main() -> int:
     parser.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto",
                         help="load generator (default: wrk when installed)")
     parser.add_argument("--train-images", type=int, default=3000, help="training images per model (default 3000)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="paired gateway/ceiling rounds at c=32 for the headline ratios (default 3)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="paired gateway/ceiling rounds at c=32 for the headline ratios (default 5)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (store, logs)")
     arguments = parser.parse_args()
     levels = [int(level) for level in arguments.levels.split(",")]
