@@ -113,6 +113,15 @@ class CeleryWorker:
             raise RuntimeError(f"celery worker {self.name} exited at start:\n{self.log_tail()}")
         return self
 
+    def wait_until_warm(self, timeout_s: float = 120.0) -> CeleryWorker:
+        """Wait until every pool child has preloaded TensorFlow (worker/celery_app.py logs it): " ready." comes
+        before that, and a job received meanwhile waits for the preload while a warm worker drains the queue."""
+        wait_until(lambda: self.log_text().count("pool child preloaded") >= self.concurrency or not self.alive,
+                   timeout_s, f"the pool children of {self.name} to preload", self)
+        if not self.alive:
+            raise RuntimeError(f"celery worker {self.name} exited while preloading:\n{self.log_tail()}")
+        return self
+
     @property
     def alive(self) -> bool:
         """Whether the main process is still running."""

@@ -187,7 +187,7 @@ def test_burst_of_twenty_jobs_all_finish_on_two_workers(
 ) -> None:
     """20 jobs at once, two competing workers: none lost, none run twice.
 
-    Publishing a model costs ~5-8 s on a busy 2-core machine (ONNX export, baselines, plots), so 4 jobs train
+    Publishing a model costs seconds on a busy 2-core machine (ONNX export, baselines, plots), so 4 jobs train
     and publish; 8 are cancelled by their user while still queued (the worker must skip them) and 8 point at
     a missing upload (they fail fast, after a real attempt). Every one of the 20 messages is consumed, and a
     second message for one of the training jobs does not make it run twice.
@@ -195,6 +195,8 @@ def test_burst_of_twenty_jobs_all_finish_on_two_workers(
     second = CeleryWorker(redis_url=redis_url, store_dir=store_root, log_path=logs / "worker-b.log", name="b",
                           visibility_timeout_s=LONG_VISIBILITY_S).start()
     try:
+        # Jobs take ~1 s now: without this, the warm first worker could drain the queue while b still imports.
+        second.wait_until_warm()
         kinds = ["train"] * 4 + ["cancel"] * 8 + ["missing"] * 8
         order = [kinds[(i * 7) % 20] for i in range(20)]  # interleaved, deterministic
         records: list[tuple[str, JobRecord]] = []
