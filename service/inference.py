@@ -65,7 +65,7 @@ NAME_CACHE_SIZE = 4096
 #: numpy keeps the GIL on small arrays, so for a small batch the worker thread gains no parallelism, and while it
 #: waits for the GIL of a busy event loop every release by the loop wakes it in vain (strace: ~57 futex calls per
 #: batch; perf: ~36 µs of futex time per request on a 2-core VM). Measured on 2 cores, dense 28x28, c=32:
-#: three paired runs gave 3,417/3,158/3,049 req/s with the work in the worker thread, 3,936/3,717/3,763 on the loop).
+#: three paired runs gave 3,417/3,158/3,049 req/s with the work in the worker thread, 3,936/3,717/3,763 on the loop.
 LOOP_POSTPROCESS_MAX_VALUES = 128 * 1024
 
 
