@@ -83,7 +83,7 @@ def run_service_job(spec: TrainingSpec, workdir: Path) -> tuple[JobRecord, list[
     try:
         worker = CeleryWorker(redis_url=redis_server.url, store_dir=store_dir, log_path=workdir / "worker.log",
                               max_tasks_per_child=1, visibility_timeout_s=3600.0, restore_interval_s=60.0,
-                              lock_ttl_s=30.0, lock_refresh_s=10.0)
+                              lease_ttl_s=30.0, lease_renew_s=5.0)
         worker.start()
         gateway = UvicornServer("service.main:app", env={"DAE_REDIS_URL": redis_server.url,
                                                          "DAE_STORE_DIR": str(store_dir)},

@@ -1,11 +1,13 @@
-"""Job records, progress events and per-job locks in Redis; shared by the gateway and the worker.
+"""Job records, progress events and attempt leases in Redis; shared by the gateway and the worker.
 
 TensorFlow-free and synchronous (redis-py). Layout under the key prefix (default ``dae:``):
 
 - ``{p}job:{id}``             hash: ``record`` (JobRecord JSON), ``cancel`` ("1" once a cancel was requested),
-                              ``idempotency_key``.
+                              ``idempotency_key``, ``dispatched`` (when a message last reached the broker),
+                              ``attempt`` (the attempt number that may hold the lease), ``exit`` (how the last
+                              lost process died, e.g. "signal SIGKILL").
 - ``{p}job:{id}:events``      stream of progress/state events (``data`` = JSON), trimmed to ~EVENTS_MAXLEN.
-- ``{p}job:{id}:lock``        the per-job run lock (owner token, PX TTL).
+- ``{p}job:{id}:lease``       the running attempt's lease, "attempt|host:pid|token" with a PX TTL.
 - ``{p}jobs:all``             sorted set of every job id, score = creation time (epoch seconds).
 - ``{p}jobs:state:{state}``   one sorted set per state, same score: listing and counting never scan keys.
 - ``{p}idempotency:{key}``    JSON ``{"job_id", "spec_sha256"}`` with a TTL.
@@ -13,7 +15,9 @@ TensorFlow-free and synchronous (redis-py). Layout under the key prefix (default
 Every change of a record is a read-modify-write under WATCH/MULTI on the job hash, so the gateway's cancel
 and the worker's transitions cannot overwrite each other: one of two racing writers retries on fresh data.
 The state indexes and the "state" event are written in the same MULTI as the record, so a reader never sees
-a record whose index or event stream disagrees with it.
+a record whose index or event stream disagrees with it. A worker's writes are fenced by its lease (the attempt
+number is the fencing token): a stale attempt's write raises LeaseLost instead of changing the job. Finished jobs'
+hash and events expire after the retention period; the reaper prunes their index entries.
 """
 
 from __future__ import annotations
@@ -24,9 +28,7 @@ import logging
 import math
 import re
 import secrets
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -56,9 +58,18 @@ TASK_OVERHEAD_S = 600.0
 #: Between the soft limit (SoftTimeLimitExceeded, recorded as a failure) and the hard kill of the child.
 HARD_LIMIT_GRACE_S = 120.0
 
-#: Per-job lock: lifetime of one lease and how often the holder renews it.
-DEFAULT_LOCK_TTL_S = 30.0
-DEFAULT_LOCK_REFRESH_S = 10.0
+#: Lease of a running attempt: its lifetime and how often the holder renews it. A lost attempt's job is picked up
+#: once its lease has expired (by the workers' reaper, worker/reaper.py).
+DEFAULT_LEASE_TTL_S = 30.0
+DEFAULT_LEASE_RENEW_S = 5.0
+#: Finished jobs' records and event streams expire after this many days.
+DEFAULT_RETENTION_DAYS = 30.0
+#: Hash field naming the attempt number that may hold the lease (the fencing token's reference).
+ATTEMPT_FIELD = "attempt"
+
+#: Outcomes of JobStore.start_attempt.
+ATTEMPT_STARTED, ATTEMPT_BUSY, ATTEMPT_SKIPPED = "started", "busy", "skipped"
+ATTEMPT_CANCELLED, ATTEMPT_FAILED = "cancelled", "failed"
 
 #: Allowed state changes. A transition to the same state is a no-op handled before this table.
 ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
@@ -78,6 +89,10 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 _T = TypeVar("_T")
 
 
+class LeaseLost(Exception):
+    """This attempt no longer holds its job's lease: another attempt owns the job, so it must write nothing more."""
+
+
 def task_time_limits(spec: TrainingSpec) -> tuple[float, float]:
     """Celery (soft, hard) time limits in seconds for a job.
 
@@ -91,6 +106,16 @@ def task_time_limits(spec: TrainingSpec) -> tuple[float, float]:
 #: The longest any task may run (hard limit of the largest allowed max_runtime_s). The broker's
 #: visibility timeout must exceed it, or a healthy long job is redelivered while it runs.
 MAX_TASK_TIME_S = MAX_RUNTIME_S + TASK_OVERHEAD_S + HARD_LIMIT_GRACE_S
+
+
+def enqueue_training(producer: Any, record: JobRecord) -> None:
+    """Send `dae.train(job_id)` by name with the job's time limits (`producer` is any Celery app; JSON only).
+
+    Sending is safe to repeat: a duplicate message finds the job leased or finished and is dropped.
+    """
+    soft_limit, hard_limit = task_time_limits(record.spec)
+    producer.send_task(TRAIN_TASK_NAME, args=[record.id], queue=TRAIN_QUEUE, soft_time_limit=soft_limit,
+                       time_limit=hard_limit)
 
 
 def new_job_id() -> str:
@@ -125,11 +150,17 @@ def _text(value: bytes | str | None) -> str | None:
 class JobStore:
     """Job records, state indexes, idempotency keys, progress events and locks in one Redis."""
 
-    def __init__(self, client: redis.Redis, *, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(self, client: redis.Redis, *, prefix: str = DEFAULT_PREFIX,
+                 retention_s: float = DEFAULT_RETENTION_DAYS * 86400) -> None:
+        if retention_s < 1:
+            raise ValueError(f"Expected a retention of at least a second. Received: retention_s={retention_s}")
         self.client = client
         self.prefix = prefix
-        self._refresh_lock = client.register_script(_REFRESH_LOCK_LUA)
-        self._release_lock = client.register_script(_RELEASE_LOCK_LUA)
+        self.retention_s = retention_s
+        self._renew_lease = client.register_script(_RENEW_LEASE_LUA)
+        self._release_lease = client.register_script(_RELEASE_LEASE_LUA)
+        self._free_lost_lease = client.register_script(_FREE_LOST_LEASE_LUA)
+        self._take_turn = client.register_script(_TAKE_TURN_LUA)
 
     # -- key names -------------------------------------------------------------------------------
 
@@ -141,9 +172,9 @@ class JobStore:
         """Stream of one job's events."""
         return f"{self.prefix}job:{job_id}:events"
 
-    def lock_key(self, job_id: str) -> str:
-        """The per-job run lock."""
-        return f"{self.prefix}job:{job_id}:lock"
+    def lease_key(self, job_id: str) -> str:
+        """The lease of the attempt that owns the job."""
+        return f"{self.prefix}job:{job_id}:lease"
 
     def index_key(self, state: JobState | None = None) -> str:
         """Sorted set of all jobs (state None) or of the jobs in one state."""
@@ -258,6 +289,17 @@ class JobStore:
 
         return self._update(job_id, change, cancel=True)
 
+    def mark_dispatched(self, job_id: str) -> None:
+        """Note that a message for this job reached the broker (the reaper then leaves a fresh queued job alone)."""
+        self.client.hset(self.job_key(check_job_id(job_id)), "dispatched", str(_now().timestamp()))
+
+    def needs_dispatch(self, job_id: str) -> bool:
+        """True for a queued job whose message never reached the broker (a send that failed)."""
+        raw, dispatched = self.client.hmget(self.job_key(check_job_id(job_id)), ["record", "dispatched"])
+        if raw is None:
+            raise JobNotFound(f"No job with this id. Received: job_id={job_id!r}")
+        return dispatched is None and JobRecord.model_validate_json(_text(raw)).state == JobState.queued
+
     def is_cancel_requested(self, job_id: str) -> bool:
         """Whether a cancel was requested (one HGET; the worker polls it from a background thread)."""
         return _text(self.client.hget(self.job_key(check_job_id(job_id)), "cancel")) == "1"
@@ -294,10 +336,7 @@ class JobStore:
         return self._update(job_id, change)
 
     def mark_running(self, job_id: str, *, worker: str) -> JobRecord:
-        """Start an attempt: queued/retrying → running, attempts + 1. Returns the record unchanged otherwise.
-
-        The caller holds the job lock; a record that is cancelled, cancelling or finished is returned as is.
-        """
+        """queued/retrying → running, attempts + 1, without a lease (tests and tools; workers use start_attempt)."""
 
         def change(record: JobRecord) -> JobRecord | None:
             if record.state not in (JobState.queued, JobState.retrying):
@@ -311,8 +350,67 @@ class JobStore:
 
         return self._update(job_id, change)
 
-    def record_epoch(self, job_id: str, metrics: EpochMetrics) -> JobRecord:
-        """Store one finished epoch (progress + history) and append an "epoch" event.
+    def start_attempt(self, job_id: str, lease: JobLease, *, max_lost_attempts: int) -> tuple[str, JobRecord]:
+        """Take the job's lease and start an attempt, in one transaction; returns (outcome, record).
+
+        Outcomes: ATTEMPT_STARTED (running, attempts + 1, the lease ours with the attempt number as its fencing
+        token), ATTEMPT_BUSY (a live attempt holds the lease: leave the job to it), ATTEMPT_SKIPPED (finished),
+        ATTEMPT_CANCELLED (a cancel was pending when its attempt was lost) or ATTEMPT_FAILED (the process died
+        during `max_lost_attempts` attempts). A record still `running` without a lease means its attempt's process
+        died: that counts as a lost attempt, and the record passes through `retrying`.
+        """
+        key, lease_key = self.job_key(check_job_id(job_id)), self.lease_key(job_id)
+
+        def attempt(pipe: redis.client.Pipeline) -> tuple[str, JobRecord]:
+            raw, exit_note = pipe.hmget(key, ["record", "exit"])
+            if raw is None:
+                raise JobNotFound(f"No job with this id. Received: job_id={job_id!r}")
+            current = JobRecord.model_validate_json(_text(raw))
+            if current.state.is_terminal:
+                return ATTEMPT_SKIPPED, current
+            if pipe.exists(lease_key):
+                return ATTEMPT_BUSY, current
+            if current.state == JobState.cancelling:
+                finished = _finished(current, JobState.cancelled, stop_reason="cancelled")
+                self._stage(pipe, job_id, current, finished)
+                return ATTEMPT_CANCELLED, finished
+            lost = current.lost_attempts + (1 if current.state == JobState.running else 0)
+            if lost >= max_lost_attempts:
+                finished = _finished(current, JobState.failed, lost_attempts=lost,
+                                     failure_reason=crash_loop_reason(lost, _text(exit_note)))
+                self._stage(pipe, job_id, current, finished)
+                return ATTEMPT_FAILED, finished
+            lease.attempt = current.attempts + 1
+            started = current.model_copy(update={
+                "state": JobState.running,
+                "attempts": lease.attempt,
+                "lost_attempts": lost,
+                "started_at": current.started_at or _now(),
+                "worker": lease.owner,
+            })
+            via = current.model_copy(update={"state": JobState.retrying}) if current.state == JobState.running else None
+            self._stage(pipe, job_id, current, started, via=via, fields={ATTEMPT_FIELD: str(lease.attempt)})
+            pipe.set(lease_key, lease.value, px=lease.ttl_ms)
+            return ATTEMPT_STARTED, started
+
+        return self._transaction(attempt, key, lease_key)
+
+    def hand_off(self, job_id: str, lease: JobLease, *, history: list[EpochMetrics] | None = None) -> JobRecord:
+        """A graceful stop (the worker shuts down): running → retrying and the lease released, in one transaction.
+
+        Not a lost attempt: the next attempt resumes from the checkpoint without counting a crash.
+        """
+
+        def change(record: JobRecord) -> JobRecord | None:
+            update: dict[str, Any] = {"state": JobState.retrying}
+            if history:
+                update.update(history=history, progress=history[-1])
+            return record.model_copy(update=update) if record.state == JobState.running else None
+
+        return self._update(job_id, change, lease=lease, release=True)
+
+    def record_epoch(self, job_id: str, metrics: EpochMetrics, *, lease: JobLease | None = None) -> JobRecord:
+        """Store one finished epoch (progress + history) and append an "epoch" event (fenced by `lease` if given).
 
         An epoch number seen before (a resumed attempt repeating it) replaces the older entry and what follows.
         """
@@ -326,40 +424,123 @@ class JobStore:
             history = [entry for entry in record.history if entry.epoch < metrics.epoch] + [metrics]
             return record.model_copy(update={"progress": metrics, "history": history})
 
-        return self._update(job_id, change, event={"type": "epoch", **metrics.model_dump(mode="json")})
+        return self._update(job_id, change, event={"type": "epoch", **metrics.model_dump(mode="json")}, lease=lease)
 
     def mark_succeeded(self, job_id: str, *, model_id: str, history: list[EpochMetrics] | None = None,
-                       stop_reason: str | None = None, resumed_from_epoch: int | None = None) -> JobRecord:
+                       stop_reason: str | None = None, resumed_from_epoch: int | None = None,
+                       lease: JobLease | None = None) -> JobRecord:
         """Finish with a published model (from running, retrying or cancelling: the model exists)."""
-        return self._finish(job_id, JobState.succeeded, model_id=model_id, history=history,
+        return self._finish(job_id, JobState.succeeded, lease, model_id=model_id, history=history,
                             stop_reason=stop_reason, resumed_from_epoch=resumed_from_epoch)
 
-    def mark_failed(self, job_id: str, reason: str, *, resumed_from_epoch: int | None = None) -> JobRecord:
+    def mark_failed(self, job_id: str, reason: str, *, resumed_from_epoch: int | None = None,
+                    lease: JobLease | None = None) -> JobRecord:
         """Finish with a failure reason a user can act on."""
-        return self._finish(job_id, JobState.failed, failure_reason=reason, resumed_from_epoch=resumed_from_epoch)
+        return self._finish(job_id, JobState.failed, lease, failure_reason=reason, resumed_from_epoch=resumed_from_epoch)
 
     def mark_cancelled(self, job_id: str, *, history: list[EpochMetrics] | None = None,
-                       resumed_from_epoch: int | None = None) -> JobRecord:
-        """Finish after a cooperative cancel; progress keeps the epoch reached (its checkpoint is kept)."""
-        return self._finish(job_id, JobState.cancelled, history=history, stop_reason="cancelled",
+                       resumed_from_epoch: int | None = None, lease: JobLease | None = None) -> JobRecord:
+        """Finish after a cooperative cancel; progress keeps the epoch reached."""
+        return self._finish(job_id, JobState.cancelled, lease, history=history, stop_reason="cancelled",
                             resumed_from_epoch=resumed_from_epoch)
 
-    def set_resumed_from(self, job_id: str, epoch: int | None) -> JobRecord:
+    def set_resumed_from(self, job_id: str, epoch: int | None, *, lease: JobLease | None = None) -> JobRecord:
         """Note which checkpoint epoch the current attempt resumed from."""
-        return self._update(job_id, lambda record: record.model_copy(update={"resumed_from_epoch": epoch}))
+        return self._update(job_id, lambda record: record.model_copy(update={"resumed_from_epoch": epoch}),
+                            lease=lease)
 
-    def lock(self, job_id: str, *, ttl_s: float = DEFAULT_LOCK_TTL_S,
-             refresh_s: float = DEFAULT_LOCK_REFRESH_S) -> JobLock:
-        """A (not yet acquired) run lock for one job."""
-        return JobLock(self, check_job_id(job_id), ttl_s=ttl_s, refresh_s=refresh_s)
+    def lease(self, job_id: str, *, owner: str, ttl_s: float = DEFAULT_LEASE_TTL_S) -> JobLease:
+        """A (not yet taken) lease for one attempt at a job; `owner` is "host:pid" of the process."""
+        return JobLease(self, check_job_id(job_id), owner=owner, ttl_s=ttl_s)
 
-    def lock_owner(self, job_id: str) -> str | None:
-        """The token of the current lock holder, if any."""
-        return _text(self.client.get(self.lock_key(check_job_id(job_id))))
+    def lease_holder(self, job_id: str) -> str | None:
+        """The value ("attempt|owner|token") of the current lease, if any."""
+        return _text(self.client.get(self.lease_key(check_job_id(job_id))))
+
+    def record_lost_process(self, job_id: str, *, owner: str, exit_note: str) -> bool:
+        """The process `owner` ("host:pid") running this job died: note how, and free its lease at once.
+
+        Called by the worker's main process when a pool child dies (WorkerLostError), so the requeued message can
+        start the next attempt right away instead of waiting for the lease to expire. Returns whether a lease was
+        freed; another attempt's lease is never touched.
+        """
+        key = self.job_key(check_job_id(job_id))
+        return bool(self._free_lost_lease(keys=[key, self.lease_key(job_id)], args=[owner, exit_note]))
+
+    def finish_abandoned_cancel(self, job_id: str) -> JobRecord | None:
+        """cancelling → cancelled for a job that no attempt holds (its worker was lost while stopping).
+
+        Returns the record, or None when an attempt holds the lease (it will finish the cancel itself).
+        """
+        key, lease_key = self.job_key(check_job_id(job_id)), self.lease_key(job_id)
+
+        def attempt(pipe: redis.client.Pipeline) -> JobRecord | None:
+            if pipe.exists(lease_key):
+                return None
+            current = self._read(pipe, job_id)
+            if current.state != JobState.cancelling:
+                return current
+            finished = _finished(current, JobState.cancelled, stop_reason="cancelled")
+            self._stage(pipe, job_id, current, finished)
+            return finished
+
+        return self._transaction(attempt, key, lease_key)
+
+    def unfinished_job_ids(self) -> dict[JobState, list[str]]:
+        """Ids of every job not yet finished, by state (the reaper's view)."""
+        states = [state for state in JobState if not state.is_terminal]
+        pipe = self.client.pipeline(transaction=False)
+        for state in states:
+            pipe.zrange(self.index_key(state), 0, -1)
+        return {state: [_text(job_id) for job_id in ids] for state, ids in zip(states, pipe.execute(), strict=True)}
+
+    def liveness(self, job_ids: list[str]) -> list[tuple[JobRecord | None, float | None, bool]]:
+        """For each id: (record or None, when its message was last dispatched (epoch s) or None, lease held?)."""
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(self.job_key(job_id), ["record", "dispatched"])
+            pipe.exists(self.lease_key(job_id))
+        replies = pipe.execute()
+        result = []
+        for (raw, dispatched), leased in zip(replies[::2], replies[1::2], strict=True):
+            record = JobRecord.model_validate_json(_text(raw)) if raw is not None else None
+            result.append((record, float(_text(dispatched)) if dispatched is not None else None, bool(leased)))
+        return result
+
+    def take_turn(self, role: str, token: str, ttl_s: float) -> bool:
+        """Hold the cluster-wide turn for `role` (e.g. "reaper"): True while `token` holds it, renewed by the call."""
+        key = f"{self.prefix}{role}:turn"
+        return bool(self._take_turn(keys=[key], args=[token, int(ttl_s * 1000)]))
+
+    def prune_expired(self) -> int:
+        """Drop index entries of finished jobs whose records expired (retention); returns how many."""
+        cutoff = _now().timestamp() - self.retention_s
+        removed = 0
+        for state in (state for state in JobState if state.is_terminal):
+            candidates = [_text(job_id) for job_id in self.client.zrangebyscore(self.index_key(state), "-inf", cutoff)]
+            if not candidates:
+                continue
+            pipe = self.client.pipeline(transaction=False)
+            for job_id in candidates:
+                pipe.exists(self.job_key(job_id))
+            gone = [job_id for job_id, exists in zip(candidates, pipe.execute(), strict=True) if not exists]
+            if gone:
+                pipe = self.client.pipeline(transaction=True)
+                pipe.zrem(self.index_key(state), *gone)
+                pipe.zrem(self.index_key(), *gone)
+                pipe.execute()
+                removed += len(gone)
+        return removed
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _finish(self, job_id: str, state: JobState, **fields: Any) -> JobRecord:
+    def _read(self, pipe: redis.client.Pipeline, job_id: str) -> JobRecord:
+        raw = _text(pipe.hget(self.job_key(job_id), "record"))
+        if raw is None:
+            raise JobNotFound(f"No job with this id. Received: job_id={job_id!r}")
+        return JobRecord.model_validate_json(raw)
+
+    def _finish(self, job_id: str, state: JobState, lease: JobLease | None, **fields: Any) -> JobRecord:
         def change(record: JobRecord) -> JobRecord | None:
             if record.state.is_terminal:
                 if record.state == state:
@@ -368,31 +549,29 @@ class JobStore:
                     f"Job {job_id} already finished. Expected a job that is still running. "
                     f"Received: state={record.state.value}, wanted {state.value}"
                 )
-            update = {key: value for key, value in fields.items() if value is not None}
-            update["state"] = state
-            update["finished_at"] = _now()
-            if "history" in update and update["history"]:
-                update["progress"] = update["history"][-1]
-            return record.model_copy(update=update)
+            return _finished(record, state, **fields)
 
-        return self._update(job_id, change)
+        return self._update(job_id, change, lease=lease, release=lease is not None)
 
     def _update(self, job_id: str, change: Callable[[JobRecord], JobRecord | None], *,
-                event: dict[str, Any] | None = None, cancel: bool = False) -> JobRecord:
+                event: dict[str, Any] | None = None, cancel: bool = False, lease: JobLease | None = None,
+                release: bool = False) -> JobRecord:
         """Atomically apply `change` to a record (WATCH/MULTI; retried if another writer got in between).
 
         `change` returns the new record, or None to leave it (and write nothing). State changes move the id
-        between the state indexes and append a "state" event in the same transaction.
+        between the state indexes and append a "state" event in the same transaction. With `lease`, the write
+        happens only while that lease is the job's current one (LeaseLost otherwise): a stale attempt can never
+        change a job another attempt owns. `release` also gives the lease back in the same transaction.
         """
         key = self.job_key(check_job_id(job_id))
+        watched = [key] if lease is None else [key, self.lease_key(job_id)]
 
         def attempt(pipe: redis.client.Pipeline) -> JobRecord:
-            raw = _text(pipe.hget(key, "record"))
-            if raw is None:
-                raise JobNotFound(f"No job with this id. Received: job_id={job_id!r}")
-            current = JobRecord.model_validate_json(raw)
+            if lease is not None and _text(pipe.get(self.lease_key(job_id))) != lease.value:
+                raise LeaseLost(f"job {job_id}: attempt {lease.attempt} no longer holds the lease")
+            current = self._read(pipe, job_id)
             updated = change(current)
-            if updated is None and not cancel:
+            if updated is None and not cancel and not release:
                 return current
             result = updated or current
             if result.state != current.state and result.state not in ALLOWED_TRANSITIONS[current.state]:
@@ -400,21 +579,34 @@ class JobStore:
                     f"Job {job_id} cannot go from {current.state.value} to {result.state.value}. Expected one of "
                     f"{sorted(s.value for s in ALLOWED_TRANSITIONS[current.state])}. Received: state={result.state.value}"
                 )
-            pipe.multi()
-            fields = {"record": result.model_dump_json()}
-            if cancel:
-                fields["cancel"] = "1"
-            pipe.hset(key, mapping=fields)
-            if event is not None:
-                self._add_event(pipe, job_id, event)
-            if result.state != current.state:
-                score = current.created_at.timestamp()
-                pipe.zrem(self.index_key(current.state), job_id)
-                pipe.zadd(self.index_key(result.state), {job_id: score})
-                self._add_event(pipe, job_id, state_event(result))
+            self._stage(pipe, job_id, current, result, event=event, fields={"cancel": "1"} if cancel else None)
+            if release:
+                pipe.delete(self.lease_key(job_id))
             return result
 
-        return self._transaction(attempt, key)
+        return self._transaction(attempt, *watched)
+
+    def _stage(self, pipe: redis.client.Pipeline, job_id: str, current: JobRecord, result: JobRecord, *,
+               via: JobRecord | None = None, event: dict[str, Any] | None = None,
+               fields: dict[str, str] | None = None) -> None:
+        """Queue the writes of one record change on `pipe` (starting its MULTI): the record, the state indexes,
+        the events (a "state" event per state passed, `via` first) and, once finished, the retention expiry."""
+        pipe.multi()
+        key = self.job_key(job_id)
+        pipe.hset(key, mapping={"record": result.model_dump_json(), **(fields or {})})
+        if event is not None:
+            self._add_event(pipe, job_id, event)
+        if result.state != current.state:
+            score = current.created_at.timestamp()
+            pipe.zrem(self.index_key(current.state), job_id)
+            pipe.zadd(self.index_key(result.state), {job_id: score})
+        if via is not None:
+            self._add_event(pipe, job_id, state_event(via))
+        if result.state != current.state or via is not None:
+            self._add_event(pipe, job_id, state_event(result))
+        if result.state.is_terminal:
+            pipe.expire(key, int(self.retention_s))
+            pipe.expire(self.events_key(job_id), int(self.retention_s))
 
     def _transaction(self, attempt: Callable[[redis.client.Pipeline], _T], *watched: str) -> _T:
         """Run `attempt` under WATCH on `watched` until its MULTI commits without interference."""
@@ -449,85 +641,99 @@ def state_event(record: JobRecord) -> dict[str, Any]:
     }
 
 
-# Compare-and-renew / compare-and-delete: only the holder's token may extend or release the lock.
-_REFRESH_LOCK_LUA = """
-if redis.call('get', KEYS[1]) == ARGV[1] then
+def _finished(record: JobRecord, state: JobState, **fields: Any) -> JobRecord:
+    """`record` in the final `state` with `fields` (None values ignored); the history's last epoch is the progress."""
+    update = {key: value for key, value in fields.items() if value is not None}
+    update["state"] = state
+    update["finished_at"] = _now()
+    if update.get("history"):
+        update["progress"] = update["history"][-1]
+    return record.model_copy(update=update)
+
+
+def crash_loop_reason(lost_attempts: int, exit_note: str | None) -> str:
+    """The failure reason of a job whose worker process died during `lost_attempts` attempts."""
+    if exit_note:
+        how = f"last {exit_note}"
+        if "SIGKILL" in exit_note:
+            how += ", possibly out of memory"
+    else:
+        how = "the whole worker was lost each time (host or container gone)"
+    return (
+        f"The worker process died during {lost_attempts} attempts; {how}. Expected the job to fit in a worker's "
+        "memory: lower batch_size, max_train_images or the model's size, then submit it again."
+    )
+
+
+# Renew: our lease (compare-and-pexpire), or take it back after it expired during a Redis outage, but only while
+# no newer attempt has started (the job's attempt field still names ours). 1 renewed, 0 lost.
+_RENEW_LEASE_LUA = """
+local current = redis.call('get', KEYS[1])
+if current == ARGV[1] then
     return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+if not current and redis.call('hget', KEYS[2], ARGV[3]) == ARGV[4] then
+    redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    return 1
 end
 return 0
 """
-_RELEASE_LOCK_LUA = """
+_TAKE_TURN_LUA = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return 1
+end
+return 0
+"""
+_RELEASE_LEASE_LUA = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
     return redis.call('del', KEYS[1])
 end
 return 0
 """
+# KEYS: job hash, lease; ARGV: owner ("host:pid"), exit note. Frees the lease only if that process held it.
+_FREE_LOST_LEASE_LUA = """
+redis.call('hset', KEYS[1], 'exit', ARGV[2])
+local current = redis.call('get', KEYS[2])
+if current and string.find(current, '|' .. ARGV[1] .. '|', 1, true) then
+    return redis.call('del', KEYS[2])
+end
+return 0
+"""
 
 
-class JobLock:
-    """A per-job lease: SET NX PX with an owner token, renewed by a background thread while held.
+class JobLease:
+    """One attempt's lease on its job: "attempt|owner|token" under SET NX PX, taken by JobStore.start_attempt.
 
-    If a renewal finds the lease gone or taken (the holder stalled longer than the TTL), `lost` is set so
-    the training loop can stop: it must not publish a model another worker may be producing.
+    The attempt number is the fencing token: writes fenced with this lease (JobStore._update) succeed only while
+    it is the job's current lease. `renew()` extends it; the holder renews every few seconds (worker/attempt.py).
     """
 
-    def __init__(self, jobs: JobStore, job_id: str, *, ttl_s: float, refresh_s: float) -> None:
-        if not 0 < refresh_s < ttl_s:
-            raise ValueError(f"The lock must be renewed before it expires. Expected 0 < refresh_s < ttl_s. "
-                             f"Received: refresh_s={refresh_s}, ttl_s={ttl_s}")
+    def __init__(self, jobs: JobStore, job_id: str, *, owner: str, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"Expected a positive lease lifetime. Received: ttl_s={ttl_s}")
+        if "|" in owner:
+            raise ValueError(f"Expected an owner without '|'. Received: owner={owner!r}")
         self.jobs = jobs
         self.job_id = job_id
-        self.key = jobs.lock_key(job_id)
+        self.owner = owner
+        self.key = jobs.lease_key(job_id)
         self.ttl_ms = int(ttl_s * 1000)
-        self.refresh_s = refresh_s
-        self.token = secrets.token_hex(16)
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.attempt = 0
+        self.token = secrets.token_hex(8)
 
-    def acquire(self) -> bool:
-        """Take the lock if nobody holds it; does not wait."""
-        return bool(self.jobs.client.set(self.key, self.token, nx=True, px=self.ttl_ms))
+    @property
+    def value(self) -> str:
+        """What the lease key holds while this lease is current."""
+        return f"{self.attempt}|{self.owner}|{self.token}"
 
-    def refresh(self) -> bool:
-        """Renew the lease; False if it is no longer ours."""
-        return bool(self.jobs._refresh_lock(keys=[self.key], args=[self.token, self.ttl_ms]))
+    def renew(self) -> bool:
+        """Extend the lease (or take it back after it expired, if no newer attempt started); False once lost."""
+        keys = [self.key, self.jobs.job_key(self.job_id)]
+        return bool(self.jobs._renew_lease(keys=keys, args=[self.value, self.ttl_ms, ATTEMPT_FIELD, self.attempt]))
 
     def release(self) -> bool:
-        """Give the lock back if it is still ours (never deletes another holder's lock)."""
-        self.stop_refreshing()
-        return bool(self.jobs._release_lock(keys=[self.key], args=[self.token]))
-
-    def start_refreshing(self) -> None:
-        """Renew every `refresh_s` seconds in a daemon thread."""
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=f"lock-{self.job_id}", daemon=True)
-        self._thread.start()
-
-    def stop_refreshing(self) -> None:
-        """Stop the renewal thread (the lease stays until released or expired)."""
-        self._stop.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
-        self._thread = None
-
-    @contextmanager
-    def held(self) -> Iterator[JobLock]:
-        """Renew while the block runs, release at the end. The lock must already be acquired."""
-        self.start_refreshing()
-        try:
-            yield self
-        finally:
-            self.release()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.refresh_s):
-            try:
-                if not self.refresh():
-                    logger.error("lost the lock of job %s (lease expired or taken over)", self.job_id)
-                    self.lost.set()
-                    return
-            except redis.RedisError:
-                # A blip: the next tick tries again; the lease survives until its TTL.
-                logger.warning("could not renew the lock of job %s", self.job_id, exc_info=True)
-
+        """Give the lease back if it is still ours (never deletes another attempt's lease)."""
+        return bool(self.jobs._release_lease(keys=[self.key], args=[self.value]))

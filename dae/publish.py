@@ -15,6 +15,7 @@ import importlib.metadata
 import logging
 import os
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ from dae.metrics import evaluate_denoiser, noise_label, psnr_per_image, select_t
 from dae.noise import add_noise
 from dae.reference import reference_rows_later
 from dae.spec import EpochMetrics, ModelCard, NoiseSpec, TrainingSpec
-from dae.store import ModelStore, new_model_id
+from dae.store import ModelStore, model_id_for_job, new_model_id
 
 if TYPE_CHECKING:
     from dae.training import TrainingResult
@@ -64,9 +65,13 @@ def library_versions() -> dict[str, str]:
 
 
 def publish_training_result(
-    result: TrainingResult, spec: TrainingSpec, store: ModelStore, *, job_id: str | None = None
+    result: TrainingResult, spec: TrainingSpec, store: ModelStore, *, job_id: str | None = None,
+    before_publish: Callable[[], None] | None = None,
 ) -> ModelCard:
     """Write all artifacts of a training run into the store and publish its model card; returns the card.
+
+    A job's model gets the job's own id (dae.store.model_id_for_job), so one job never publishes two models.
+    `before_publish` runs right before the model becomes visible (a worker checks it still owns the job there).
 
     Raises ExportFailed (nothing published, no version used) when the ONNX file does not match the Keras model.
     """
@@ -100,13 +105,15 @@ def publish_training_result(
         )
         _lap(seconds, "evaluation", clock)
 
+        if before_publish is not None:
+            before_publish()
         name = default_model_name(spec)
         # Reserved only once every artifact is in place, so failed exports do not use up versions.
         version = store.reserve_version(name)
         is_conv = spec.architecture.type == "conv"
         height, width, channels = data.image_shape
         card = ModelCard(
-            id=new_model_id(),
+            id=model_id_for_job(job_id) if job_id is not None else new_model_id(),
             name=name,
             version=version,
             job_id=job_id,

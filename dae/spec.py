@@ -326,6 +326,9 @@ class JobRecord(BaseModel):
     model_id: str | None = None
     failure_reason: str | None = None
     attempts: int = 0
+    lost_attempts: int = Field(
+        0, description="Attempts whose worker process died (killed, out of memory); the job fails at DAE_MAX_ATTEMPTS."
+    )
     worker: str | None = Field(None, description="Host name and pid of the worker that ran the last attempt.")
     resumed_from_epoch: int | None = Field(None, description="Epoch of the checkpoint the last attempt resumed from.")
     stop_reason: str | None = Field(None, description="Why training ended: completed, early_stopped, timeout, cancelled.")

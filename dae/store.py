@@ -4,10 +4,12 @@ Layout under the store root (a local directory; every process and host that shar
 
     models/<model id>/{model.keras, model.onnx, card.json, history.png, samples.png}
     datasets/<dataset id>.npz  +  datasets/<dataset id>.json (its DatasetInfo)
-    checkpoints/<job id>/      (owned by training; resumable state of a running job)
+    checkpoints/<job id>/<attempt>/  (owned by training: one directory per attempt, so a stale attempt never
+                               overwrites a newer one's; the next attempt resumes from the furthest of them)
     cache/                     (downloaded online datasets, e.g. cache/mnist.npz)
     names/<name>/<version>/model_id   (version reservation by os.mkdir, and the name -> id index)
-    tmp/                       (staging directories and temp files; same filesystem, so renames are atomic)
+    tmp/                       (staging directories, named after the process that writes them, and temp files;
+                               same filesystem, so renames are atomic)
 
 Why this shape:
 - A model becomes visible in one step: its files and card.json are written into a staging directory and the
@@ -31,6 +33,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -49,6 +52,7 @@ DATASET_ID_PATTERN = re.compile(r"^ds_[0-9a-f]{12}$")
 CHECKPOINT_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _NAME_RE = re.compile(NAME_PATTERN)
 _VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
+_STAGING_WRITER_RE = re.compile(r"^staging-(?P<pid>\d+)@(?P<host>.+)-[^-]+$")
 
 MODEL_ARTIFACTS = frozenset({"model.keras", "model.onnx", "history.png", "samples.png", "card.json"})
 CARD_FILE = "card.json"
@@ -58,6 +62,12 @@ _MODEL_ID_FILE = "model_id"
 def new_model_id() -> str:
     """A fresh random model id: "m_" + 12 hex characters."""
     return "m_" + secrets.token_hex(6)
+
+
+def model_id_for_job(job_id: str) -> str:
+    """The id a training job's model gets: derived from the job id, so two attempts of one job can never publish
+    two models (the second rename onto models/<id> fails)."""
+    return "m_" + hashlib.sha256(f"job:{job_id}".encode()).hexdigest()[:12]
 
 
 def new_dataset_id() -> str:
@@ -139,14 +149,25 @@ class ModelStore:
             )
         return self._ensure(self.checkpoints_dir / job_id)
 
+    def attempt_checkpoint_dir(self, job_id: str, attempt: int) -> Path:
+        """Where attempt `attempt` of a job writes its checkpoints (created if missing)."""
+        if not isinstance(attempt, int) or attempt < 1:
+            raise ValueError(f"Expected an attempt number >= 1. Received: attempt={attempt!r}")
+        return self._ensure(self.checkpoint_dir(job_id) / str(attempt))
+
     def delete_checkpoint(self, job_id: str) -> None:
-        """Remove a job's checkpoint directory, if any."""
+        """Remove a job's checkpoints (every attempt's), if any."""
         path = self.checkpoint_dir(job_id)
         shutil.rmtree(path, ignore_errors=True)
 
     def staging_dir(self) -> Path:
-        """A fresh, empty directory inside the store (same filesystem as models/, so publishing is a rename)."""
-        return Path(tempfile.mkdtemp(prefix="staging-", dir=self._ensure(self.tmp_dir)))
+        """A fresh, empty directory inside the store (same filesystem as models/, so publishing is a rename).
+
+        Named after this process ("staging-<pid>@<host>-…"), so a worker starting on this host can tell a staging
+        directory whose writer died (remove_stale_temporaries) from one being written.
+        """
+        prefix = f"staging-{os.getpid()}@{socket.gethostname()}-"
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self._ensure(self.tmp_dir)))
 
     def discard_staging(self, staging: Path) -> None:
         """Remove a staging directory that will not be published (e.g. after a failed export)."""
@@ -156,21 +177,26 @@ class ModelStore:
         shutil.rmtree(staging, ignore_errors=True)
 
     def remove_stale_temporaries(self, older_than_s: float = 24 * 3600) -> int:
-        """Remove staging/deleted directories in tmp/ older than `older_than_s` (left by killed workers).
+        """Remove what publishes and deletions cut short left in tmp/; returns how many directories went.
 
-        Returns how many were removed. Safe to run while jobs publish: fresh staging directories are kept.
+        Removed: staging directories of dead processes of this host, and staging/deleted directories older than
+        `older_than_s` (other hosts' writers cannot be checked). Safe while jobs publish: a live writer's directory
+        is kept. Workers call it when they start.
         """
         try:
             entries = list(os.scandir(self.tmp_dir))
         except FileNotFoundError:
             return 0
         deadline = time.time() - older_than_s
+        host = socket.gethostname()
         removed = 0
         for entry in entries:
             if not entry.name.startswith(("staging-", "deleted-")):
                 continue
+            writer = _STAGING_WRITER_RE.match(entry.name)
+            dead_writer = writer is not None and writer["host"] == host and not _process_alive(int(writer["pid"]))
             with contextlib.suppress(FileNotFoundError):
-                if entry.stat(follow_symlinks=False).st_mtime < deadline:
+                if dead_writer or entry.stat(follow_symlinks=False).st_mtime < deadline:
                     shutil.rmtree(entry.path, ignore_errors=True)
                     removed += 1
         return removed
@@ -270,7 +296,14 @@ class ModelStore:
         os.utime(card_path, ns=(created_ns, created_ns))
         atomic_write_text(version_dir / _MODEL_ID_FILE, card.id)
         self._ensure(self.models_dir)
-        os.rename(staging, target)
+        try:
+            os.rename(staging, target)
+        except OSError as error:
+            if not target.exists():
+                raise
+            # Another publish of the same id (a second attempt of one job) won the rename: ours is withdrawn.
+            (version_dir / _MODEL_ID_FILE).unlink(missing_ok=True)
+            raise Conflict(f"Expected a new model id. Received: card.id={card.id!r}, published meanwhile.") from error
         _fsync_directory(self.models_dir)
         logger.info("published model %s (%s v%d)", card.id, card.name, card.version)
         return card
@@ -469,6 +502,17 @@ class ModelStore:
 
 def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,11 +69,16 @@ _SPLIT_STREAM = 0x5A11
 
 @dataclass
 class TrainingHooks:
-    """Callbacks of a run: progress per epoch, cooperative cancellation, checkpoint directory."""
+    """Callbacks of a run: progress per epoch, cooperative cancellation, checkpoint directories.
+
+    Checkpoints are written into `checkpoint_dir`; a run resumes from `resume_dir` (default: `checkpoint_dir`), so
+    that each attempt of a job can write its own directory and still continue from an earlier attempt's.
+    """
 
     on_epoch: Callable[[EpochMetrics], None] | None = None
     should_cancel: Callable[[], bool] | None = None
     checkpoint_dir: Path | None = None
+    resume_dir: Path | None = None
 
 
 @dataclass
@@ -290,6 +296,27 @@ def read_checkpoint(directory: Path | None) -> RunState | None:
     return state
 
 
+def furthest_checkpoint(directories: list[Path]) -> Path | None:
+    """Of `directories`, the one whose committed checkpoint reached the highest epoch (None if none has one)."""
+    states = [(state.epoch, directory) for directory in directories if (state := read_checkpoint(directory))]
+    return max(states, key=lambda item: item[0])[1] if states else None
+
+
+def adopt_checkpoint(source: Path, target: Path) -> None:
+    """Copy the committed checkpoint in `source` (its model files, then state.json last) into `target`."""
+    state = read_checkpoint(source)
+    if state is None:
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    files = {state.model_file} | ({_model_file_name(state.best_epoch)} if state.best_epoch is not None else set())
+    for name in sorted(files):
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
+    temporary = target / f".{CHECKPOINT_STATE_FILE}.tmp"  # the commit point, so it lands in one step
+    shutil.copy2(source / CHECKPOINT_STATE_FILE, temporary)
+    os.replace(temporary, target / CHECKPOINT_STATE_FILE)
+
+
 def _load_checkpoint_model(path: Path) -> keras.Model:
     return keras.saving.load_model(path, compile=True, safe_mode=True)
 
@@ -443,6 +470,10 @@ class _TrainingRun:
         self.validation_noisy = add_noise(self.validation_clean, spec.noise, seed=[spec.seed, _VALIDATION_NOISE_STREAM])
 
         self.checkpoint_dir = Path(hooks.checkpoint_dir) if hooks.checkpoint_dir is not None else None
+        self.resume_dir = Path(hooks.resume_dir) if hooks.resume_dir is not None else self.checkpoint_dir
+        if self.checkpoint_dir is not None and self.resume_dir not in (None, self.checkpoint_dir):
+            adopt_checkpoint(self.resume_dir, self.checkpoint_dir)
+            self.resume_dir = self.checkpoint_dir
         self.best_weights: list[np.ndarray] | None = None
         self.resumed_from_epoch: int | None = None
         self.model, self.state = self._resume_or_build()
@@ -457,23 +488,23 @@ class _TrainingRun:
 
     def _resume_or_build(self) -> tuple[keras.Model, RunState]:
         fingerprint = spec_fingerprint(self.spec)
-        state = read_checkpoint(self.checkpoint_dir)
+        state = read_checkpoint(self.resume_dir)
         if state is not None and state.spec_fingerprint != fingerprint:
-            logger.warning("Checkpoint in %s is for another spec; starting from scratch", self.checkpoint_dir)
+            logger.warning("Checkpoint in %s is for another spec; starting from scratch", self.resume_dir)
             state = None
         if state is None:
             keras.utils.set_random_seed(self.spec.seed)
             model = build_autoencoder(self.spec, self.image_shape)
             _compile(model, self.spec, total_steps=self.spec.epochs * self.batches.steps_per_epoch)
             return model, RunState(spec_fingerprint=fingerprint)
-        model = _load_checkpoint_model(self.checkpoint_dir / state.model_file)
+        model = _load_checkpoint_model(self.resume_dir / state.model_file)
         if state.best_epoch is not None:
             best = model
             if state.best_epoch != state.epoch:
-                best = _load_checkpoint_model(self.checkpoint_dir / _model_file_name(state.best_epoch))
+                best = _load_checkpoint_model(self.resume_dir / _model_file_name(state.best_epoch))
             self.best_weights = best.get_weights()
         self.resumed_from_epoch = state.epoch
-        logger.info("Resuming from the checkpoint of epoch %d in %s", state.epoch, self.checkpoint_dir)
+        logger.info("Resuming from the checkpoint of epoch %d in %s", state.epoch, self.resume_dir)
         return model, state
 
     # -- the loop ------------------------------------------------------------------------------

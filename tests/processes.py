@@ -25,7 +25,7 @@ from pathlib import Path
 
 from celery import Celery
 
-from dae.jobs import TRAIN_QUEUE, TRAIN_TASK_NAME, task_time_limits
+from dae.jobs import TRAIN_QUEUE, enqueue_training
 from dae.spec import JobRecord
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,35 +54,44 @@ def make_producer(redis_url: str) -> Celery:
 
 
 def enqueue(producer: Celery, record: JobRecord) -> None:
-    """Send `dae.train(job_id)` to the train queue with the job's time limits."""
-    soft, hard = task_time_limits(record.spec)
-    producer.send_task(TRAIN_TASK_NAME, args=[record.id], queue=TRAIN_QUEUE, soft_time_limit=soft, time_limit=hard)
+    """Send `dae.train(job_id)` to the train queue with the job's time limits, as the gateway does."""
+    enqueue_training(producer, record)
 
 
 class CeleryWorker:
     """A `celery -A worker.celery_app worker` subprocess with test-friendly reliability settings.
 
-    visibility_timeout_s: seconds before an unacknowledged message (its worker was killed) is redelivered;
-    short here so the fault test sees it, while production uses hours (worker/celery_app.py).
-    lock_ttl_s/lock_refresh_s: the per-job lock; a killed worker's job is free again after lock_ttl_s.
+    visibility_timeout_s: seconds before the broker redelivers an unacknowledged message; the last resort, as in
+    production (hours): recovery comes from leases and the reaper.
+    lease_ttl_s/lease_renew_s: a running attempt's lease; a killed worker's job is picked up again after lease_ttl_s
+    (plus two reaper sweeps of reaper_interval_s). Short here: the tests are about the mechanism; one test runs
+    the production defaults (pass None to keep a setting's production default).
     max_tasks_per_child: high by default so the ~5 s TensorFlow import is paid once per worker, not per job
     (production's default of 1 returns TensorFlow's memory after each job instead).
     """
 
     def __init__(self, *, redis_url: str, store_dir: Path, log_path: Path, name: str | None = None,
-                 concurrency: int = 1, visibility_timeout_s: float = 10.0, restore_interval_s: float = 1.0,
-                 lock_ttl_s: float = 4.0, lock_refresh_s: float = 1.0, max_tasks_per_child: int = 1000,
+                 concurrency: int = 1, visibility_timeout_s: float | None = 600.0,
+                 restore_interval_s: float | None = 1.0, lease_ttl_s: float | None = 4.0,
+                 lease_renew_s: float | None = 1.0, reaper_interval_s: float | None = 1.0,
+                 requeue_queued_after_s: float | None = 20.0, max_tasks_per_child: int = 1000,
                  extra_env: dict[str, str] | None = None) -> None:
         self.name = name or f"test-{uuid.uuid4().hex[:6]}"
         self.log_path = Path(log_path)
+        timings = {
+            "DAE_VISIBILITY_TIMEOUT_S": visibility_timeout_s,
+            "DAE_UNACKED_RESTORE_INTERVAL_S": restore_interval_s,
+            "DAE_LEASE_TTL_S": lease_ttl_s,
+            "DAE_LEASE_RENEW_S": lease_renew_s,
+            "DAE_REAPER_INTERVAL_S": reaper_interval_s,
+            "DAE_REQUEUE_QUEUED_AFTER_S": requeue_queued_after_s,
+        }
+        inherited = {key: value for key, value in os.environ.items() if key not in timings}
         self.env = {
-            **os.environ,
+            **inherited,
             "DAE_REDIS_URL": redis_url,
             "DAE_STORE_DIR": str(store_dir),
-            "DAE_VISIBILITY_TIMEOUT_S": str(visibility_timeout_s),
-            "DAE_UNACKED_RESTORE_INTERVAL_S": str(restore_interval_s),
-            "DAE_LOCK_TTL_S": str(lock_ttl_s),
-            "DAE_LOCK_REFRESH_S": str(lock_refresh_s),
+            **{key: str(value) for key, value in timings.items() if value is not None},
             "DAE_MAX_TASKS_PER_CHILD": str(max_tasks_per_child),
             "DAE_CONCURRENCY": str(concurrency),
             "TF_CPP_MIN_LOG_LEVEL": "2",

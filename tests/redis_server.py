@@ -19,21 +19,27 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A redis-server child process; `url` points at it, `stop()` ends it."""
+    """A redis-server child process; `url` points at it, `stop()` ends it.
 
-    def __init__(self, data_dir: Path) -> None:
+    `appendonly=True` runs it as production does (AOF, fsync every second), so `kill()` + `start()` on the same
+    port and data directory is a real crash and restart from the AOF.
+    """
+
+    def __init__(self, data_dir: Path, *, appendonly: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: run scripts/ensure-system-packages or set DAE_REDIS_URL")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(data_dir), "--maxmemory-policy", "noeviction"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
+        self.command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                        "--appendonly", "yes" if appendonly else "no", "--dir", str(data_dir),
+                        "--maxmemory-policy", "noeviction"]
+        self.start()
+
+    def start(self) -> RedisServer:
+        """Start redis-server (again, on the same port and data directory) and wait until it answers PING."""
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 10
         while True:
@@ -46,6 +52,12 @@ class RedisServer:
                     raise RuntimeError(f"redis-server did not start on port {self.port}") from None
                 time.sleep(0.05)
         client.close()
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL redis-server (a crash: whatever the AOF had not written is lost)."""
+        self.process.kill()
+        self.process.wait(timeout=5)
 
     def stop(self) -> None:
         if self.process.poll() is None:

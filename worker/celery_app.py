@@ -7,21 +7,21 @@ Start a worker (scale out by starting more, on any host that sees the same Redis
 Why these settings:
 - JSON only: tasks take a job id (`dae.train(job_id)`), never arrays or pickles.
 - `task_acks_late` + `task_reject_on_worker_lost`: a message is acknowledged when the task ends, not when it
-  starts, so a job whose worker dies is not lost: if only the pool child dies, the main process requeues the
-  message at once; if the whole worker dies (SIGKILL, host lost), the message stays in the Redis transport's
-  "unacked" set and is put back on the queue once it is older than the visibility timeout.
+  starts. If only a pool child dies, the main process notes how (worker/tasks.py TrainRequest), frees the dead
+  attempt's lease and requeues the message at once; the next attempt counts the death, and after DAE_MAX_ATTEMPTS
+  deaths the job fails instead of killing pool children forever.
+- Recovery does not wait for the broker. Every running attempt holds a lease renewed every few seconds
+  (worker/attempt.py); the reaper (worker/reaper.py, a thread of each worker's main process, one at a time
+  cluster-wide) re-enqueues jobs whose lease expired and queued jobs that have no message, within about a
+  minute. The visibility timeout (`DAE_VISIBILITY_TIMEOUT_S`, ≈ 25 h: longer than the longest possible task, as
+  a healthy long job stays unacknowledged while it trains) is only the last resort; the copies it redelivers
+  are harmless, as every duplicate is: a message whose job a live attempt holds, or that already finished, is
+  dropped.
 - `worker_prefetch_multiplier=1`: a worker reserves only as many jobs as it runs; long jobs are not hoarded
   by one worker while others idle.
-- Visibility timeout (`DAE_VISIBILITY_TIMEOUT_S`): kombu's Redis transport restores unacked messages older than
-  it when a worker starts and then every `unacked_restore_interval` seconds (we scan on every sweep:
-  throttle 1). Production uses a timeout longer than the longest possible task (worker/config.py, ≈ 25 h):
-  with acks_late a healthy job stays unacknowledged while it trains, and a shorter timeout would hand it to
-  a second worker mid-run. The price is that a job lost with its whole worker waits that long to come back.
-  Tests use a few seconds so a redelivery happens within the test.
-- Duplicates are harmless anyway: the task takes a per-job Redis lock (dae.jobs.JobLock, TTL renewed while
-  training) before it runs, skips finished jobs, and publishes at most one model per job (worker/tasks.py).
-  We rely on the broker's redelivery rather than a lock-expiry sweeper: the broker already holds the message
-  of every unfinished job, so recovery needs no extra process and no scan of job records.
+- Graceful stop (SIGTERM, `docker compose stop`, a deploy): the main process relays SIGTERM to the pool children
+  running jobs; each stops at the next batch and hands its job off (checkpoint kept, lease released, message sent
+  again), so another worker resumes it within seconds and the 60 s grace period is enough.
 - Time limits come with each message (`dae.jobs.task_time_limits(spec)`, from the job's `max_runtime_s`); the
   app-wide defaults are those of the largest allowed job, as a backstop for a sender that omits them.
 - `worker_max_tasks_per_child` (`DAE_MAX_TASKS_PER_CHILD`, default 1): TensorFlow does not give memory back to
@@ -44,18 +44,24 @@ Why these settings:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutting_down
 
 from dae.jobs import MAX_TASK_TIME_S, TASK_OVERHEAD_S, TRAIN_QUEUE, TRAIN_TASK_NAME
 from dae.spec import MAX_RUNTIME_S
+from dae.store import ModelStore
 from worker.config import WorkerSettings, get_settings
+from worker.reaper import UNACKED_INDEX_KEY, UNACKED_KEY, start_reaper
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +94,9 @@ def create_app(settings: WorkerSettings) -> Celery:
             "visibility_timeout": settings.visibility_timeout_s,
             "unacked_restore_interval": settings.unacked_restore_interval_s,
             "unacked_restore_throttle": 1,
+            # kombu's defaults, named here because the reaper reads these keys (worker/reaper.py).
+            "unacked_key": UNACKED_KEY,
+            "unacked_index_key": UNACKED_INDEX_KEY,
         },
         task_default_queue=TRAIN_QUEUE,
         task_routes={TRAIN_TASK_NAME: {"queue": TRAIN_QUEUE}},
@@ -163,6 +172,46 @@ def _stop_helper_in_pool_child(**_: Any) -> None:
     from dae.reference import stop_helper  # noqa: PLC0415
 
     stop_helper()
+
+
+#: Age after which another host's staging directory counts as abandoned (publishing takes seconds to minutes).
+STALE_STAGING_S = 3600.0
+_reaper_stop: threading.Event | None = None
+
+
+@worker_ready.connect
+def _start_reaper_and_clean_up(**_: Any) -> None:
+    """worker_ready handler (main process): clean what cut-short publishes left, then start the reaper."""
+    global _reaper_stop
+    from worker.tasks import job_store  # noqa: PLC0415 - worker.tasks imports this module
+
+    settings = get_settings()
+    store = ModelStore(settings.store_dir)
+    try:
+        removed = store.remove_stale_temporaries(older_than_s=STALE_STAGING_S)
+        if removed:
+            logger.warning("removed %d staging/trash directories left by interrupted publishes", removed)
+    except OSError:
+        logger.exception("could not clean the store's tmp/ directory")
+    _reaper_stop = start_reaper(job_store(settings), app, store, interval_s=settings.reaper_interval_s,
+                                requeue_queued_after_s=settings.requeue_queued_after_s)
+    logger.info("reaper started (every %.0f s)", settings.reaper_interval_s)
+
+
+@worker_shutting_down.connect
+def _hand_off_running_jobs(how: str = "Warm", **_: Any) -> None:
+    """worker_shutting_down handler (main process, in its signal handler): stop the reaper and ask the pool
+    children running jobs to hand them off (SIGTERM, see worker.tasks.sigterm_hands_off)."""
+    from celery.worker.state import active_requests  # noqa: PLC0415
+
+    if _reaper_stop is not None:
+        _reaper_stop.set()
+    if how == "Cold":
+        return  # the children are being terminated; their messages are requeued by the broker
+    for request in list(active_requests):
+        if request.name == TRAIN_TASK_NAME and request.worker_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(request.worker_pid, signal.SIGTERM)
 
 
 @worker_process_init.connect

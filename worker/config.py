@@ -8,12 +8,13 @@ from pathlib import Path
 from pydantic import Field, RedisDsn, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from dae.jobs import DEFAULT_LOCK_REFRESH_S, DEFAULT_LOCK_TTL_S, MAX_TASK_TIME_S
+from dae.jobs import DEFAULT_LEASE_RENEW_S, DEFAULT_LEASE_TTL_S, DEFAULT_RETENTION_DAYS, MAX_TASK_TIME_S
 
 #: Default broker visibility timeout: the longest possible task (hard limit of a job with the largest
 #: allowed max_runtime_s, dae.jobs.MAX_TASK_TIME_S ≈ 24.2 h) plus an hour. The Redis transport redelivers a
 #: message that stayed unacknowledged this long; with acks_late a task is acknowledged only when it ends, so
-#: a shorter timeout would hand a healthy long job to a second worker while it still runs.
+#: a shorter timeout would hand a healthy long job to a second worker while it still runs. It is only the last
+#: resort: lost jobs come back through their expired lease and the reaper (worker/reaper.py) within a minute.
 DEFAULT_VISIBILITY_TIMEOUT_S = int(MAX_TASK_TIME_S + 3600)
 
 
@@ -48,17 +49,32 @@ class WorkerSettings(BaseSettings):
             "higher saves the ~5 s TensorFlow import per job at the cost of memory that only grows."
         ),
     )
-    lock_ttl_s: float = Field(
-        DEFAULT_LOCK_TTL_S, gt=0, description="Lifetime of the per-job lock; a dead worker's job is free after it."
+    lease_ttl_s: float = Field(
+        DEFAULT_LEASE_TTL_S, gt=0,
+        description="Lifetime of a running attempt's lease; a lost worker's job is picked up again after it.",
     )
-    lock_refresh_s: float = Field(DEFAULT_LOCK_REFRESH_S, gt=0, description="How often a running job renews its lock.")
+    lease_renew_s: float = Field(DEFAULT_LEASE_RENEW_S, gt=0, description="How often a running attempt renews its lease.")
+    reaper_interval_s: float = Field(
+        5.0, gt=0, le=300,
+        description="How often the reaper (one worker at a time) looks for jobs without a live attempt or a message.",
+    )
+    requeue_queued_after_s: float = Field(
+        60.0, gt=0,
+        description="A queued job with no message for this long (its send was lost) is queued again by the reaper.",
+    )
+    max_attempts: int = Field(
+        3, ge=1, le=100, description="Attempts whose worker process died (killed, out of memory) before the job fails."
+    )
+    job_retention_days: float = Field(
+        DEFAULT_RETENTION_DAYS, gt=0, description="Days a finished job's record and event stream are kept in Redis."
+    )
 
     @model_validator(mode="after")
-    def _refresh_before_expiry(self) -> WorkerSettings:
-        if self.lock_refresh_s >= self.lock_ttl_s:
+    def _renew_before_expiry(self) -> WorkerSettings:
+        if self.lease_renew_s >= self.lease_ttl_s:
             raise ValueError(
-                "The job lock must be renewed before it expires. Expected lock_refresh_s < lock_ttl_s. "
-                f"Received: lock_refresh_s={self.lock_refresh_s}, lock_ttl_s={self.lock_ttl_s}"
+                "The lease must be renewed before it expires. Expected lease_renew_s < lease_ttl_s. "
+                f"Received: lease_renew_s={self.lease_renew_s}, lease_ttl_s={self.lease_ttl_s}"
             )
         return self
 

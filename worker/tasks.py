@@ -1,20 +1,21 @@
 """The training task `dae.train(job_id)`: a thin shell around dae.training and dae.publish.
 
 One attempt, in order:
-1. Read the job record; a finished or cancelled job is skipped (its message is simply acknowledged).
-2. Take the per-job lock (dae.jobs.JobLock, renewed every few seconds while training). If someone else holds
-   it — a live attempt (a duplicate delivery) or one that died less than a lock TTL ago — this message is
-   re-sent with a countdown of one TTL (`self.retry`) and acknowledged: there is always exactly one message
-   for an unfinished job, so it can neither be lost (the holder may still die) nor run twice at once.
-3. Under the lock, a record still `running`/`retrying` means an earlier attempt was lost: the record passes
-   through `retrying`. If that attempt had already published its model (it died between publishing and
-   marking the job), the job is marked succeeded with that model instead of training again.
-4. `running`, attempts + 1; fit_autoencoder with hooks: each epoch → record_epoch (progress, history, event);
-   should_cancel → the job's cancel flag (or a lost lock); checkpoints in the store's checkpoint_dir(job_id),
-   from which a redelivered job resumes automatically.
-5. Publish (only while still holding the lock, and only if no cancel arrived), mark succeeded with the model id,
-   drop the checkpoint. A cancel marks `cancelled` with the epoch reached and keeps the checkpoint.
-   Every failure is recorded with a reason a user can act on, and logged with its traceback.
+1. `JobStore.start_attempt` takes the job's lease and marks it running in one transaction (attempt number =
+   fencing token). A finished job, or one whose lease a live attempt holds (a duplicate message), is left alone
+   and the message acknowledged: a job without a live attempt is the reaper's to re-enqueue (worker/reaper.py),
+   so no message has to be kept around. A record still `running` without a lease means the previous attempt's
+   process died: it counts as a lost attempt, and after DAE_MAX_ATTEMPTS of them the job fails.
+2. An earlier attempt may have published the model before dying (one id per job: dae.store.model_id_for_job);
+   then the job is marked succeeded with it instead of training again.
+3. fit_autoencoder writes this attempt's checkpoints into its own directory and resumes from the furthest
+   checkpoint any earlier attempt left. The training loop never touches Redis: worker/attempt.py's monitor
+   renews the lease, polls the cancel flag and writes each epoch (fenced), retrying through Redis outages.
+4. The end, every write fenced by the lease: publish (only after checking the lease) and mark succeeded; or
+   cancelled; or, when the worker is shutting down (SIGTERM), hand the job off: back to `retrying`, lease
+   released and a new message sent at once, so another worker resumes it from the checkpoint within seconds.
+   Only errors of the job itself fail it, with a reason a user can act on; Redis being away only delays the
+   writes. Checkpoints are deleted once the final state is recorded, never on an error path.
 
 TensorFlow is imported inside the task body (in the pool child), never at module import.
 """
@@ -24,12 +25,20 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
+import signal
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import redis
+from billiard.einfo import ExceptionWithTraceback
+from billiard.exceptions import WorkerLostError
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.worker.request import Request
 
 from dae.errors import (
     Conflict,
@@ -40,18 +49,39 @@ from dae.errors import (
     InvalidDataset,
     InvalidSpec,
     JobNotFound,
+    ModelNotFound,
     TrainingFailed,
 )
-from dae.jobs import TASK_OVERHEAD_S, TRAIN_TASK_NAME, JobLock, JobStore, task_time_limits
-from dae.spec import JobState, ModelCard, TrainingSpec
-from dae.store import ModelStore
+from dae.jobs import (
+    ATTEMPT_BUSY,
+    ATTEMPT_CANCELLED,
+    ATTEMPT_FAILED,
+    ATTEMPT_SKIPPED,
+    TASK_OVERHEAD_S,
+    TRAIN_TASK_NAME,
+    JobLease,
+    JobStore,
+    LeaseLost,
+    enqueue_training,
+    task_time_limits,
+)
+from dae.spec import JobRecord, TrainingSpec
+from dae.store import ModelStore, model_id_for_job
+from worker.attempt import AttemptMonitor, is_redis_outage, retry_through_outages
 from worker.celery_app import app
 from worker.config import WorkerSettings, get_settings
 
 logger = logging.getLogger(__name__)
 
 #: Outcomes `run_job` returns (also the task's return value, visible in the worker log).
-SUCCEEDED, FAILED, CANCELLED, SKIPPED, BUSY, LOCK_LOST = "succeeded", "failed", "cancelled", "skipped", "busy", "lock_lost"
+SUCCEEDED, FAILED, CANCELLED, SKIPPED, BUSY = "succeeded", "failed", "cancelled", "skipped", "busy"
+LOCK_LOST, HANDED_OFF, ABANDONED = "lease_lost", "handed_off", "abandoned"
+#: How long an attempt waits for Redis at its start and for its final writes before it gives up; the job is then
+#: the reaper's to re-enqueue once Redis is back.
+REDIS_WAIT_S = 600.0
+
+#: Set in a pool child when its worker shuts down (SIGTERM relayed by the main process): stop at the next batch.
+shutdown_requested = threading.Event()
 
 _job_store: tuple[int, JobStore] | None = None
 
@@ -60,17 +90,56 @@ def job_store(settings: WorkerSettings) -> JobStore:
     """This process's JobStore; created after the fork (a Redis connection is never shared across processes)."""
     global _job_store
     if _job_store is None or _job_store[0] != os.getpid():
-        _job_store = (os.getpid(), JobStore(redis.Redis.from_url(str(settings.redis_url))))
+        client = redis.Redis.from_url(str(settings.redis_url), socket_connect_timeout=2, socket_timeout=10)
+        _job_store = (os.getpid(), JobStore(client, retention_s=settings.job_retention_days * 86400))
     return _job_store[1]
 
 
-def worker_identity() -> str:
-    """Host name and pid of this process, as stored in the job record."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_identity(pid: int | None = None) -> str:
+    """Host name and pid of a process of this host (default: this one), as leases and job records hold it."""
+    return f"{socket.gethostname()}:{pid if pid is not None else os.getpid()}"
+
+
+def exit_note(error: BaseException) -> str:
+    """How a pool child died, from Celery's WorkerLostError or SystemExit: "signal SIGKILL", "exit code 1"."""
+    if isinstance(error, SystemExit):
+        return f"exit code {error.code}"
+    text = str(error)
+    if found := re.search(r"signal \d+ \((SIG\w+)\)", text):
+        return f"signal {found[1]}"
+    if found := re.search(r"exitcode (-?\d+)", text):
+        return f"exit code {found[1]}"
+    return text[:120]
+
+
+class TrainRequest(Request):
+    """The main process's view of one delivery: when the pool child running it dies, note how and free its lease.
+
+    Celery then requeues the message (task_reject_on_worker_lost) and the next attempt starts at once, counting
+    the death (JobStore.start_attempt), instead of waiting for the lease to expire.
+    """
+
+    def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
+        """Record a lost pool child before Celery's own handling (requeue)."""
+        error = exc_info.exception
+        error = error.exc if isinstance(error, ExceptionWithTraceback) else error
+        if isinstance(error, WorkerLostError | SystemExit) and self.args and self.worker_pid:
+            job_id = self.args[0]
+            try:
+                freed = job_store(get_settings()).record_lost_process(
+                    job_id, owner=worker_identity(self.worker_pid), exit_note=exit_note(error)
+                )
+                logger.warning("job %s: pool child %s died (%s); lease %s", job_id, self.worker_pid,
+                               exit_note(error), "freed" if freed else "not held by it")
+            except (DaeError, redis.RedisError):
+                logger.exception("could not record the lost pool child of job %s", job_id)
+        super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
 class TrainTask(Task):
     """Task base: records a hard time-limit kill, which happens after the child is gone (in the main process)."""
+
+    Request = TrainRequest
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """Mark the job failed when the child was killed at the hard time limit (nothing else can)."""
@@ -91,118 +160,167 @@ class TrainTask(Task):
 def train(self: Task, job_id: str) -> str:
     """Train the model of job `job_id` and publish it; the job record holds the outcome."""
     settings = get_settings()
-    outcome = run_job(job_id, settings=settings, jobs=job_store(settings), store=ModelStore(settings.store_dir))
-    if outcome == BUSY:
-        logger.info("job %s is locked by another attempt; trying again in %.0f s", job_id, settings.lock_ttl_s)
-        raise self.retry(countdown=settings.lock_ttl_s)
-    return outcome
+    return run_job(job_id, settings=settings, jobs=job_store(settings), store=ModelStore(settings.store_dir),
+                   producer=self.app)
 
 
-def run_job(job_id: str, *, settings: WorkerSettings, jobs: JobStore, store: ModelStore) -> str:
+def run_job(job_id: str, *, settings: WorkerSettings, jobs: JobStore, store: ModelStore, producer: Any = None,
+            shutdown: threading.Event = shutdown_requested) -> str:
     """One attempt at a job (see the module docstring); returns one of the outcome constants."""
+    lease = jobs.lease(job_id, owner=worker_identity(), ttl_s=settings.lease_ttl_s)
     try:
-        record = jobs.get(job_id)
+        outcome, record = retry_through_outages(
+            lambda: jobs.start_attempt(job_id, lease, max_lost_attempts=settings.max_attempts),
+            what=f"start job {job_id}", deadline_s=REDIS_WAIT_S,
+        )
     except JobNotFound:
         logger.error("job %s has no record; dropping its message", job_id)
         return SKIPPED
-    if record.state.is_terminal:
+    if outcome == ATTEMPT_SKIPPED:
         logger.info("job %s is already %s; nothing to do", job_id, record.state.value)
         return SKIPPED
-
-    lock = jobs.lock(job_id, ttl_s=settings.lock_ttl_s, refresh_s=settings.lock_refresh_s)
-    if not lock.acquire():
+    if outcome == ATTEMPT_BUSY:
+        logger.info("job %s is held by a live attempt; dropping this duplicate message", job_id)
         return BUSY
-    with lock.held():
-        return _run_locked(job_id, jobs=jobs, store=store, lock=lock)
-
-
-def _run_locked(job_id: str, *, jobs: JobStore, store: ModelStore, lock: JobLock) -> str:
-    record = jobs.get(job_id)  # fresh: it may have changed while we took the lock
-    if record.state.is_terminal:
-        return SKIPPED
-    if record.state in (JobState.running, JobState.retrying, JobState.cancelling):
-        # We hold the lock, so the attempt that left this state is gone: a redelivery after a lost worker.
-        logger.warning("job %s was %s in attempt %d, which was lost; taking over", job_id, record.state.value,
-                       record.attempts)
-        if record.state == JobState.cancelling:
-            jobs.mark_cancelled(job_id)
-            return CANCELLED
-        record = jobs.mark_retrying(job_id)
-        published = find_published_model(store, record.spec, job_id)
-        if published is not None:
-            logger.warning("job %s had already published model %s; not training again", job_id, published.id)
-            jobs.mark_succeeded(job_id, model_id=published.id, history=published.history,
-                                stop_reason=published.stop_reason)
-            return SUCCEEDED
-
-    record = jobs.mark_running(job_id, worker=worker_identity())
-    if record.state == JobState.cancelling:  # cancelled between the two transitions
-        jobs.mark_cancelled(job_id)
-        return CANCELLED
-    if record.state != JobState.running:
-        return SKIPPED
+    if outcome in (ATTEMPT_CANCELLED, ATTEMPT_FAILED):
+        logger.warning("job %s: %s when taken over (%s)", job_id, record.state.value, record.failure_reason or "")
+        store.delete_checkpoint(job_id)  # its final state is recorded
+        return CANCELLED if outcome == ATTEMPT_CANCELLED else FAILED
     logger.info("job %s: attempt %d on %s", job_id, record.attempts, record.worker)
+    monitor = AttemptMonitor(jobs, lease, renew_s=settings.lease_renew_s, shutdown=shutdown).start()
+    try:
+        with sigterm_hands_off() if threading.current_thread() is threading.main_thread() else nullcontext():
+            return _run_attempt(record, jobs=jobs, store=store, lease=lease, monitor=monitor, producer=producer)
+    except LeaseLost:
+        logger.error("job %s: attempt %d lost its lease; another attempt owns the job", job_id, lease.attempt)
+        return LOCK_LOST
+    except Exception as error:
+        if is_redis_outage(error):
+            logger.error("job %s: Redis stayed unreachable for %.0f s; leaving the job to the reaper", job_id,
+                         REDIS_WAIT_S)
+            return ABANDONED
+        raise
+    finally:
+        monitor.close()
+
+
+def _finish(call: Any, what: str) -> JobRecord:
+    """A final write, retried through Redis outages (LeaseLost and other errors propagate)."""
+    return retry_through_outages(call, what=what, deadline_s=REDIS_WAIT_S)
+
+
+def _run_attempt(record: JobRecord, *, jobs: JobStore, store: ModelStore, lease: JobLease, monitor: AttemptMonitor,
+                 producer: Any) -> str:
+    job_id, spec = record.id, record.spec
+    published = _published_card(store, job_id)
+    if published is not None:
+        logger.warning("job %s had already published model %s; not training again", job_id, published.id)
+        _finish(lambda: jobs.mark_succeeded(job_id, model_id=published.id, history=published.history,
+                                            stop_reason=published.stop_reason, lease=lease), "record the success")
+        store.delete_checkpoint(job_id)
+        return SUCCEEDED
 
     resumed_from: int | None = None
     try:
-        from dae.training import TrainingHooks, fit_autoencoder  # TensorFlow loads here, in the pool child
+        from dae.training import TrainingHooks, fit_autoencoder, furthest_checkpoint  # TensorFlow loads here
 
+        earlier = [store.checkpoint_dir(job_id)] + [
+            store.checkpoint_dir(job_id) / str(attempt) for attempt in range(1, lease.attempt)
+        ]
         hooks = TrainingHooks(
-            on_epoch=lambda metrics: jobs.record_epoch(job_id, metrics),
-            # fit_autoencoder polls this at most every ~0.5 s: one HGET each time.
-            should_cancel=lambda: lock.lost.is_set() or jobs.is_cancel_requested(job_id),
-            checkpoint_dir=store.checkpoint_dir(job_id),
+            on_epoch=monitor.report_epoch,
+            should_cancel=monitor.should_stop,
+            checkpoint_dir=store.attempt_checkpoint_dir(job_id, lease.attempt),
+            resume_dir=furthest_checkpoint(earlier),
         )
-        result = fit_autoencoder(record.spec, store=store, hooks=hooks)
+        result = fit_autoencoder(spec, store=store, hooks=hooks)
         resumed_from = result.resumed_from_epoch
-        if lock.lost.is_set() or not lock.refresh():
-            logger.error("job %s: lost its lock during training; another attempt owns it now", job_id)
-            return LOCK_LOST
-        if result.stop_reason == "cancelled" or jobs.is_cancel_requested(job_id):
-            jobs.mark_cancelled(job_id, history=result.history, resumed_from_epoch=resumed_from)
-            logger.info("job %s cancelled after epoch %d (checkpoint kept)", job_id, result.epochs_completed)
+        if not monitor.flush(REDIS_WAIT_S) or monitor.lost.is_set():
+            raise LeaseLost(f"job {job_id}: the epochs could not be written under this attempt's lease")
+        if result.stop_reason == "cancelled":
+            cancelled = monitor.cancel_requested.is_set() or _finish(
+                lambda: jobs.is_cancel_requested(job_id), "read the cancel flag")
+            if not cancelled:
+                return _hand_off(record, jobs=jobs, lease=lease, producer=producer, history=result.history)
+            _finish(lambda: jobs.mark_cancelled(job_id, history=result.history, resumed_from_epoch=resumed_from,
+                                                lease=lease), "record the cancel")
+            store.delete_checkpoint(job_id)
+            logger.info("job %s cancelled after epoch %d", job_id, result.epochs_completed)
             return CANCELLED
 
         from dae.publish import publish_training_result
 
-        card = publish_training_result(result, record.spec, store, job_id=job_id)
-        # Checkpoint first: a crash in between leaves a published model, which a redelivery finds and reuses.
+        def still_ours() -> None:
+            # Fenced: a stale attempt raises LeaseLost here and publishes nothing.
+            _finish(lambda: jobs.set_resumed_from(job_id, resumed_from, lease=lease), "check the lease")
+
+        card = publish_training_result(result, spec, store, job_id=job_id, before_publish=still_ours)
+        _finish(lambda: jobs.mark_succeeded(job_id, model_id=card.id, history=result.history,
+                                            stop_reason=result.stop_reason, resumed_from_epoch=resumed_from,
+                                            lease=lease), "record the success")
         store.delete_checkpoint(job_id)
-        jobs.mark_succeeded(job_id, model_id=card.id, history=result.history, stop_reason=result.stop_reason,
-                            resumed_from_epoch=resumed_from)
         logger.info("job %s succeeded: model %s (%s v%d)", job_id, card.id, card.name, card.version)
         return SUCCEEDED
-    except Exception as error:  # every failure is recorded with a reason, then logged with its traceback
-        reason = failure_reason(error, record.spec)
+    except (LeaseLost, Conflict) as error:  # Conflict: another attempt published or finished the job meanwhile
+        raise LeaseLost(str(error)) from error
+    except Exception as error:  # the job's own failure: recorded with a reason, logged with its traceback
+        if is_redis_outage(error) or monitor.lost.is_set():
+            raise
+        reason = failure_reason(error, spec)
         logger.error("job %s failed: %s", job_id, reason, exc_info=True)
-        if lock.lost.is_set():
-            return LOCK_LOST
         try:
-            store.delete_checkpoint(job_id)  # a failed job never resumes; give its disk space back first
-        except OSError:
-            logger.warning("job %s: could not delete its checkpoint", job_id, exc_info=True)
-        try:
-            jobs.mark_failed(job_id, reason, resumed_from_epoch=resumed_from)
+            _finish(lambda: jobs.mark_failed(job_id, reason, resumed_from_epoch=resumed_from, lease=lease),
+                    "record the failure")
         except Conflict:  # finished meanwhile (e.g. the failure came after the model was recorded)
             logger.warning("job %s already finished; not recording this failure", job_id)
+            return FAILED
+        store.delete_checkpoint(job_id)  # a failed job never resumes; its final state is recorded
         return FAILED
 
 
-def find_published_model(store: ModelStore, spec: TrainingSpec, job_id: str) -> ModelCard | None:
-    """The model an earlier attempt of this job published, if any (scans the versions of the job's model name)."""
-    from dae.publish import default_model_name
+def _hand_off(record: JobRecord, *, jobs: JobStore, lease: JobLease, producer: Any, history: list[Any]) -> str:
+    """The worker is stopping: give the job back (retrying, lease released) and queue it again at once."""
+    _finish(lambda: jobs.hand_off(record.id, lease, history=history), "hand the job off")
+    try:
+        if producer is None:
+            raise RuntimeError("no producer to send the job with")
+        enqueue_training(producer, record)
+        jobs.mark_dispatched(record.id)
+        logger.warning("job %s: worker shutting down; handed off after epoch %d and queued again", record.id,
+                       history[-1].epoch if history else 0)
+    except Exception:  # the reaper queues a retrying job that has no message
+        logger.exception("job %s: handed off but could not be queued again; the reaper will", record.id)
+    return HANDED_OFF
 
-    total = None
-    offset = 0
-    while total is None or offset < total:
-        cards, total = store.list_models(name=default_model_name(spec), limit=200, offset=offset)
-        for card in cards:
-            if card.job_id == job_id:
-                return card
-        if not cards:
-            break
-        offset += len(cards)
-    return None
+
+def _published_card(store: ModelStore, job_id: str) -> Any:
+    """The model an earlier attempt of this job published, if any."""
+    try:
+        return store.read_card(model_id_for_job(job_id))
+    except ModelNotFound:
+        return None
+
+
+@contextmanager
+def sigterm_hands_off() -> Iterator[None]:
+    """While an attempt runs: SIGTERM (relayed by the stopping worker) asks it to hand the job off at the next
+    batch; a second one falls through to billiard's handler (exit). Outside an attempt the process exits as usual.
+    Installed per attempt, as billiard sets its own handlers after the pool child's initializer."""
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        if not shutdown_requested.is_set():
+            shutdown_requested.set()
+        elif callable(previous):
+            previous(signum, frame)
+        else:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def time_limit_reason(spec: TrainingSpec, *, hard: bool) -> str:

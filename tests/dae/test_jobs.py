@@ -1,4 +1,4 @@
-"""JobStore against a real Redis: transitions, idempotency, listing, cancel, events and locks."""
+"""JobStore against a real Redis: transitions, idempotency, listing, cancel, events, leases and retention."""
 
 from __future__ import annotations
 
@@ -11,14 +11,20 @@ import redis
 
 from dae.errors import Conflict, DaeError, JobNotFound
 from dae.jobs import (
+    ATTEMPT_BUSY,
+    ATTEMPT_FAILED,
+    ATTEMPT_SKIPPED,
+    ATTEMPT_STARTED,
     MAX_TASK_TIME_S,
+    JobLease,
     JobStore,
+    LeaseLost,
     check_job_id,
     new_job_id,
     spec_fingerprint,
     task_time_limits,
 )
-from dae.spec import MAX_RUNTIME_S, EpochMetrics, JobState, TrainingSpec
+from dae.spec import MAX_RUNTIME_S, EpochMetrics, JobRecord, JobState, TrainingSpec
 
 
 @pytest.fixture
@@ -291,50 +297,129 @@ def test_illegal_transition_is_refused(jobs: JobStore) -> None:
     assert jobs.get(record.id).state == JobState.queued
 
 
-def test_lock_is_exclusive_and_released_by_owner_only(jobs: JobStore) -> None:
-    job_id = jobs.create(tiny_spec())[0].id
-    first = jobs.lock(job_id, ttl_s=5, refresh_s=1)
-    second = jobs.lock(job_id, ttl_s=5, refresh_s=1)
-    assert first.acquire()
-    assert not second.acquire()
-    assert not second.release()  # not the owner: the first lock survives
-    assert jobs.lock_owner(job_id) == first.token
-    assert first.release()
-    assert jobs.lock_owner(job_id) is None
-    assert second.acquire()
-    second.release()
+def start(jobs: JobStore, job_id: str, owner: str = "host-a:1", ttl_s: float = 5.0,
+          max_lost_attempts: int = 3) -> tuple[str, JobRecord, JobLease]:
+    lease = jobs.lease(job_id, owner=owner, ttl_s=ttl_s)
+    outcome, record = jobs.start_attempt(job_id, lease, max_lost_attempts=max_lost_attempts)
+    return outcome, record, lease
 
 
-def test_lock_expires_without_refresh_and_is_kept_alive_with_it(jobs: JobStore) -> None:
+def test_an_attempt_takes_the_lease_with_its_number_as_fencing_token(jobs: JobStore) -> None:
     job_id = jobs.create(tiny_spec())[0].id
-    dead = jobs.lock(job_id, ttl_s=0.3, refresh_s=0.1)
-    assert dead.acquire()  # a holder that dies never refreshes
+    outcome, record, lease = start(jobs, job_id)
+    assert outcome == ATTEMPT_STARTED and record.state == JobState.running and record.attempts == 1
+    assert lease.attempt == 1 and jobs.lease_holder(job_id) == lease.value == f"1|host-a:1|{lease.token}"
+    assert record.worker == "host-a:1" and record.lost_attempts == 0
+    # A second attempt (a duplicate message) finds the lease held and changes nothing.
+    outcome, busy, _ = start(jobs, job_id, owner="host-b:2")
+    assert outcome == ATTEMPT_BUSY and busy.attempts == 1 and jobs.lease_holder(job_id) == lease.value
+    # Fenced writes go through while the lease is current; the final one releases it.
+    jobs.record_epoch(job_id, metrics(1), lease=lease)
+    final = jobs.mark_succeeded(job_id, model_id="m_000000000001", lease=lease)
+    assert final.state == JobState.succeeded and jobs.lease_holder(job_id) is None
+    assert start(jobs, job_id)[0] == ATTEMPT_SKIPPED
+    assert event_states(jobs, job_id) == ["queued", "running", "succeeded"]
+
+
+def test_a_stale_attempt_cannot_change_the_job(jobs: JobStore) -> None:
+    job_id = jobs.create(tiny_spec())[0].id
+    _, _, stale = start(jobs, job_id, ttl_s=0.3)
+    time.sleep(0.45)  # its process stalled past the lease's lifetime
+    outcome, record, fresh = start(jobs, job_id, owner="host-b:2")
+    assert outcome == ATTEMPT_STARTED and record.attempts == 2 and record.lost_attempts == 1
+    assert event_states(jobs, job_id) == ["queued", "running", "retrying", "running"]
+    for write in (lambda: jobs.record_epoch(job_id, metrics(1), lease=stale),
+                  lambda: jobs.mark_succeeded(job_id, model_id="m_000000000002", lease=stale),
+                  lambda: jobs.mark_failed(job_id, "stale", lease=stale),
+                  lambda: jobs.hand_off(job_id, stale)):
+        with pytest.raises(LeaseLost):
+            write()
+    assert not stale.renew(), "a newer attempt started: the stale one may not take the lease back"
+    assert not stale.release() and jobs.lease_holder(job_id) == fresh.value
+    unchanged = jobs.get(job_id)
+    assert unchanged.state == JobState.running and unchanged.history == [] and unchanged.attempts == 2
+
+
+def test_a_lease_that_expired_in_an_outage_is_taken_back_if_no_one_else_started(jobs: JobStore) -> None:
+    job_id = jobs.create(tiny_spec())[0].id
+    _, _, lease = start(jobs, job_id, ttl_s=0.3)
     time.sleep(0.45)
-    alive = jobs.lock(job_id, ttl_s=0.3, refresh_s=0.1)
-    assert alive.acquire(), "an expired lease must be free again"
-    assert not dead.refresh()
-    with alive.held():
-        time.sleep(0.8)  # well past the TTL: the refresher keeps it
-        assert jobs.lock_owner(job_id) == alive.token
-        assert not jobs.lock(job_id, ttl_s=0.3, refresh_s=0.1).acquire()
-        assert not alive.lost.is_set()
-    assert jobs.lock_owner(job_id) is None
+    assert jobs.lease_holder(job_id) is None
+    assert lease.renew() and jobs.lease_holder(job_id) == lease.value
+    jobs.record_epoch(job_id, metrics(1), lease=lease)
+    assert [entry.epoch for entry in jobs.get(job_id).history] == [1]
 
 
-def test_lock_loss_is_detected(jobs: JobStore, redis_client: redis.Redis) -> None:
+def test_a_hand_off_releases_the_lease_without_counting_a_loss(jobs: JobStore) -> None:
     job_id = jobs.create(tiny_spec())[0].id
-    lock = jobs.lock(job_id, ttl_s=2, refresh_s=0.1)
-    assert lock.acquire()
-    lock.start_refreshing()
-    redis_client.set(jobs.lock_key(job_id), "someone-else")  # taken over after a stall
-    deadline = time.monotonic() + 3
-    while not lock.lost.is_set() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert lock.lost.is_set()
-    assert not lock.release()
-    assert jobs.lock_owner(job_id) == "someone-else"
-    with pytest.raises(ValueError):
-        jobs.lock(job_id, ttl_s=1, refresh_s=1)
+    _, _, lease = start(jobs, job_id)
+    handed = jobs.hand_off(job_id, lease, history=[metrics(1)])
+    assert handed.state == JobState.retrying and handed.progress.epoch == 1 and jobs.lease_holder(job_id) is None
+    outcome, record, _ = start(jobs, job_id, owner="host-b:2")
+    assert outcome == ATTEMPT_STARTED and record.attempts == 2 and record.lost_attempts == 0
+    assert event_states(jobs, job_id) == ["queued", "running", "retrying", "running"]
+
+
+def test_attempts_whose_process_died_end_the_job_after_the_limit(jobs: JobStore) -> None:
+    job_id = jobs.create(tiny_spec())[0].id
+    for attempt in range(1, 4):
+        outcome, record, lease = start(jobs, job_id, owner=f"host:{attempt}")
+        assert outcome == ATTEMPT_STARTED and record.attempts == attempt
+        # The pool child died: its main process notes how and frees the lease at once.
+        assert not jobs.record_lost_process(job_id, owner="host:999", exit_note="signal SIGKILL")  # not its lease
+        assert jobs.record_lost_process(job_id, owner=f"host:{attempt}", exit_note="signal SIGKILL")
+        assert jobs.lease_holder(job_id) is None
+    outcome, final, _ = start(jobs, job_id, owner="host:4")
+    assert outcome == ATTEMPT_FAILED and final.state == JobState.failed
+    assert final.attempts == 3 and final.lost_attempts == 3
+    assert final.failure_reason.startswith(
+        "The worker process died during 3 attempts; last signal SIGKILL, possibly out of memory.")
+    assert "batch_size" in final.failure_reason
+    assert "host (or container) gone" not in final.failure_reason
+
+
+def test_a_lost_cancelling_attempt_ends_cancelled(jobs: JobStore) -> None:
+    job_id = jobs.create(tiny_spec())[0].id
+    _, _, lease = start(jobs, job_id)
+    jobs.request_cancel(job_id)
+    assert jobs.finish_abandoned_cancel(job_id) is None  # the attempt is alive: it finishes the cancel itself
+    lease.release()  # ...then it dies
+    finished = jobs.finish_abandoned_cancel(job_id)
+    assert finished.state == JobState.cancelled and finished.stop_reason == "cancelled"
+    assert event_states(jobs, job_id)[-2:] == ["cancelling", "cancelled"]
+
+
+def test_finished_jobs_expire_after_the_retention_and_leave_the_indexes(redis_client: redis.Redis) -> None:
+    jobs = JobStore(redis_client, prefix=f"test-{uuid.uuid4().hex[:8]}:", retention_s=1)
+    done, _ = jobs.create(tiny_spec())
+    alive, _ = jobs.create(tiny_spec())
+    jobs.request_cancel(done.id)  # queued -> cancelled: finished
+    assert 0 < redis_client.ttl(jobs.job_key(done.id)) <= 1 and 0 < redis_client.ttl(jobs.events_key(done.id)) <= 1
+    assert redis_client.ttl(jobs.job_key(alive.id)) == -1  # unfinished jobs never expire
+    time.sleep(1.2)
+    with pytest.raises(JobNotFound):
+        jobs.get(done.id)
+    assert jobs.prune_expired() == 1
+    assert jobs.counts_by_state()["cancelled"] == 0 and jobs.list()[1] == 1
+    assert jobs.get(alive.id).state == JobState.queued
+
+
+def test_only_one_process_holds_a_turn(jobs: JobStore) -> None:
+    assert jobs.take_turn("reaper", "a", ttl_s=0.3)
+    assert not jobs.take_turn("reaper", "b", ttl_s=0.3)
+    assert jobs.take_turn("reaper", "a", ttl_s=0.3)  # renewed by its holder
+    time.sleep(0.4)
+    assert jobs.take_turn("reaper", "b", ttl_s=0.3)
+
+
+def test_dispatch_is_tracked_for_queued_jobs(jobs: JobStore) -> None:
+    record, _ = jobs.create(tiny_spec())
+    assert jobs.needs_dispatch(record.id)
+    jobs.mark_dispatched(record.id)
+    assert not jobs.needs_dispatch(record.id)
+    other, _ = jobs.create(tiny_spec())
+    jobs.request_cancel(other.id)
+    assert not jobs.needs_dispatch(other.id)  # nothing to send for a finished job
 
 
 def test_works_with_a_client_that_decodes_responses(redis_url: str) -> None:
@@ -347,7 +432,10 @@ def test_works_with_a_client_that_decodes_responses(redis_url: str) -> None:
         jobs.record_epoch(record.id, metrics(1))
         assert [r.id for r in jobs.list(JobState.running)[0]] == [record.id]
         assert [payload["type"] for _id, payload in jobs.read_events(record.id, None, 0)] == ["state", "state", "epoch"]
-        lock = jobs.lock(record.id, ttl_s=2, refresh_s=1)
-        assert lock.acquire() and jobs.lock_owner(record.id) == lock.token and lock.release()
+        jobs.mark_failed(record.id, "stop")
+        leased, _ = jobs.create(tiny_spec())
+        outcome, _record, lease = start(jobs, leased.id)
+        assert outcome == ATTEMPT_STARTED and jobs.lease_holder(leased.id) == lease.value and lease.renew()
+        assert lease.release()
     finally:
         client.close()

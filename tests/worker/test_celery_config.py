@@ -26,7 +26,10 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     # Longer than the longest job a spec may ask for, plus its export margin and hard-limit grace.
     assert settings.visibility_timeout_s > MAX_TASK_TIME_S > MAX_RUNTIME_S
     assert settings.max_tasks_per_child == 1
-    assert settings.lock_refresh_s < settings.lock_ttl_s
+    # Production recovery: a lost worker's job is queued again within a lease lifetime and two reaper sweeps.
+    assert (settings.lease_ttl_s, settings.lease_renew_s, settings.reaper_interval_s) == (30, 5, 5)
+    assert settings.requeue_queued_after_s == 60 and settings.max_attempts == 3
+    assert settings.job_retention_days == 30
 
 
 def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,9 +44,9 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.max_tasks_per_child == 50
 
 
-def test_lock_must_be_renewed_before_it_expires() -> None:
-    with pytest.raises(ValidationError, match="lock_refresh_s < lock_ttl_s"):
-        WorkerSettings(lock_ttl_s=5, lock_refresh_s=5)
+def test_lease_must_be_renewed_before_it_expires() -> None:
+    with pytest.raises(ValidationError, match="lease_renew_s < lease_ttl_s"):
+        WorkerSettings(lease_ttl_s=5, lease_renew_s=5)
     with pytest.raises(ValidationError):
         WorkerSettings(visibility_timeout_s=0)
 
@@ -63,6 +66,7 @@ def test_app_reliability_settings() -> None:
     assert conf.task_ignore_result is True and not conf.result_backend
     assert conf.broker_transport_options == {
         "visibility_timeout": 123, "unacked_restore_interval": 2, "unacked_restore_throttle": 1,
+        "unacked_key": "unacked", "unacked_index_key": "unacked_index",
     }
     assert conf.task_routes[TRAIN_TASK_NAME] == {"queue": TRAIN_QUEUE}
     assert conf.task_default_queue == TRAIN_QUEUE
@@ -74,13 +78,13 @@ def test_app_reliability_settings() -> None:
 
 def test_train_task_is_registered_by_name_with_late_acks() -> None:
     from worker.celery_app import app
-    from worker.tasks import TrainTask
+    from worker.tasks import TrainRequest, TrainTask
 
     assert TRAIN_TASK_NAME == "dae.train"
     train = app.tasks[TRAIN_TASK_NAME]
     assert isinstance(train, TrainTask)
     assert train.acks_late is True and train.reject_on_worker_lost is True
-    assert train.max_retries is None  # the lock-busy retry may repeat until the holder finishes
+    assert train.Request is TrainRequest  # notes a pool child's death and frees its lease
     assert train.ignore_result is True
 
 

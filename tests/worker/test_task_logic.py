@@ -1,4 +1,4 @@
-"""The task's decisions that need no training: skips, lock contention, redelivery, failure reasons.
+"""The task's decisions that need no training: skips, lease contention, redelivery, failure reasons.
 
 Real Redis and a real model store; the training itself is covered by test_training_task.py.
 """
@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import redis
+from billiard.exceptions import WorkerLostError
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
-from dae.errors import DatasetNotFound, TrainingFailed
+from dae.errors import Conflict, DatasetNotFound, TrainingFailed
 from dae.jobs import JobStore, new_job_id
 from dae.publish import default_model_name
 from dae.spec import JobState, ModelCard, TrainingSpec
-from dae.store import ModelStore, new_model_id
+from dae.store import ModelStore, is_model_id, model_id_for_job
 from worker import tasks
 from worker.config import WorkerSettings
 
@@ -30,7 +31,7 @@ def jobs(redis_client: redis.Redis) -> JobStore:
 
 @pytest.fixture
 def settings(redis_url: str, store_dir: Path) -> WorkerSettings:
-    return WorkerSettings(redis_url=redis_url, store_dir=store_dir, lock_ttl_s=2, lock_refresh_s=0.5)
+    return WorkerSettings(redis_url=redis_url, store_dir=store_dir, lease_ttl_s=2, lease_renew_s=0.5)
 
 
 def spec() -> TrainingSpec:
@@ -42,9 +43,9 @@ def states(jobs: JobStore, job_id: str) -> list[str]:
 
 
 def publish_fake_model(store: ModelStore, job_id: str) -> ModelCard:
-    """A published model card for `job_id` (its files do not matter to the task's decision)."""
+    """A published model card for `job_id` under the id its training would give it (its files do not matter)."""
     name = default_model_name(spec())
-    card = ModelCard(id=new_model_id(), name=name, version=store.reserve_version(name), job_id=job_id,
+    card = ModelCard(id=model_id_for_job(job_id), name=name, version=store.reserve_version(name), job_id=job_id,
                      created_at=datetime.now(UTC), spec=spec(), input_shape=[8, 8, 1], trained_shape=[8, 8, 1],
                      parameters=10, stop_reason="completed")
     return store.publish_model(store.staging_dir(), card)
@@ -59,24 +60,31 @@ def test_finished_and_unknown_jobs_are_skipped(jobs: JobStore, settings: WorkerS
     assert tasks.run_job(new_job_id(), settings=settings, jobs=jobs, store=store) == tasks.SKIPPED
 
 
-def test_a_locked_job_is_left_to_its_holder(jobs: JobStore, settings: WorkerSettings, store_dir: Path) -> None:
+def test_a_leased_job_is_left_to_its_holder(jobs: JobStore, settings: WorkerSettings, store_dir: Path) -> None:
     record, _ = jobs.create(spec())
-    holder = jobs.lock(record.id, ttl_s=5, refresh_s=1)
-    assert holder.acquire()
+    holder = jobs.lease(record.id, owner="other-host:1", ttl_s=5)
+    assert jobs.start_attempt(record.id, holder, max_lost_attempts=3)[0] == "started"
     outcome = tasks.run_job(record.id, settings=settings, jobs=jobs, store=ModelStore(store_dir))
     assert outcome == tasks.BUSY
-    assert jobs.get(record.id).state == JobState.queued
-    assert jobs.lock_owner(record.id) == holder.token  # the busy attempt did not touch the holder's lock
+    assert jobs.get(record.id).attempts == 1
+    assert jobs.lease_holder(record.id) == holder.value  # the duplicate did not touch the holder's lease
 
 
-def test_redelivered_cancelling_job_ends_cancelled(jobs: JobStore, settings: WorkerSettings, store_dir: Path) -> None:
+def test_redelivered_cancelling_job_ends_cancelled_and_drops_its_checkpoints(
+    jobs: JobStore, settings: WorkerSettings, store_dir: Path
+) -> None:
+    store = ModelStore(store_dir)
     record, _ = jobs.create(spec())
-    jobs.mark_running(record.id, worker="lost:1")
+    lost = jobs.lease(record.id, owner="lost:1", ttl_s=5)
+    jobs.start_attempt(record.id, lost, max_lost_attempts=3)
+    (store.attempt_checkpoint_dir(record.id, 1) / "state.json").write_text("{}")
     jobs.request_cancel(record.id)  # then the worker died before it saw the flag
-    outcome = tasks.run_job(record.id, settings=settings, jobs=jobs, store=ModelStore(store_dir))
+    jobs.record_lost_process(record.id, owner="lost:1", exit_note="signal SIGKILL")
+    outcome = tasks.run_job(record.id, settings=settings, jobs=jobs, store=store)
     assert outcome == tasks.CANCELLED
     assert jobs.get(record.id).state == JobState.cancelled
-    assert jobs.lock_owner(record.id) is None
+    assert jobs.lease_holder(record.id) is None
+    assert not (store.checkpoints_dir / record.id).exists()
 
 
 def test_redelivery_after_publishing_does_not_publish_again(
@@ -84,27 +92,34 @@ def test_redelivery_after_publishing_does_not_publish_again(
 ) -> None:
     store = ModelStore(store_dir)
     record, _ = jobs.create(spec())
-    jobs.mark_running(record.id, worker="lost:1")
+    lost = jobs.lease(record.id, owner="lost:1", ttl_s=5)
+    jobs.start_attempt(record.id, lost, max_lost_attempts=3)
     publish_fake_model(store, new_job_id())  # another job's model of the same name
     card = publish_fake_model(store, record.id)  # the lost attempt got this far
-    assert tasks.find_published_model(store, record.spec, record.id) == card
+    jobs.record_lost_process(record.id, owner="lost:1", exit_note="signal SIGKILL")
     outcome = tasks.run_job(record.id, settings=settings, jobs=jobs, store=store)
     assert outcome == tasks.SUCCEEDED
     final = jobs.get(record.id)
     assert final.state == JobState.succeeded and final.model_id == card.id
-    assert final.attempts == 1  # no new training attempt was started
-    assert states(jobs, record.id) == ["queued", "running", "retrying", "succeeded"]
+    assert final.attempts == 2 and final.lost_attempts == 1  # the second attempt only recorded the model
+    assert states(jobs, record.id) == ["queued", "running", "retrying", "running", "succeeded"]
+    assert store.list_models(name=card.name)[1] == 2
+    # A second publish under the same job's id is refused by the store: one job, one model.
+    with pytest.raises(Conflict):
+        publish_fake_model(store, record.id)
     assert store.list_models(name=card.name)[1] == 2
 
 
-def test_find_published_model_pages_through_versions(store_dir: Path) -> None:
-    store = ModelStore(store_dir)
+def test_a_job_model_id_is_derived_from_the_job_id() -> None:
     job_id = new_job_id()
-    wanted = publish_fake_model(store, job_id)
-    for _ in range(3):
-        publish_fake_model(store, new_job_id())
-    assert tasks.find_published_model(store, spec(), job_id) == wanted
-    assert tasks.find_published_model(store, spec(), new_job_id()) is None
+    assert model_id_for_job(job_id) == model_id_for_job(job_id) != model_id_for_job(new_job_id())
+    assert is_model_id(model_id_for_job(job_id))
+
+
+def test_how_a_pool_child_died_is_read_from_celery() -> None:
+    assert tasks.exit_note(WorkerLostError("Worker exited prematurely: signal 9 (SIGKILL) Job: 3.")) == "signal SIGKILL"
+    assert tasks.exit_note(WorkerLostError("Worker exited prematurely: exitcode 70 Job: 1.")) == "exit code 70"
+    assert tasks.exit_note(SystemExit(3)) == "exit code 3"
 
 
 def test_failure_reasons_are_actionable() -> None:
