@@ -84,16 +84,21 @@ class Reaper:
 
     def run(self, stop: threading.Event) -> None:
         """Sweep every interval until `stop` is set; Redis outages and bugs are logged, never fatal."""
+        outage = False
         while not stop.wait(self.interval_s):
             try:
                 report = self.sweep()
             except Exception as error:
                 self._suspects.clear()  # what was seen before the outage may be stale
-                if is_redis_outage(error):
-                    logger.warning("reaper: Redis unavailable (%s); next sweep in %.0f s", error, self.interval_s)
-                else:
+                if not is_redis_outage(error):
                     logger.exception("reaper: sweep failed")
+                elif not outage:
+                    logger.warning("reaper: Redis unavailable (%s); sweeping again every %.0f s", error, self.interval_s)
+                outage = outage or is_redis_outage(error)
                 continue
+            if outage:
+                logger.info("reaper: Redis is back")
+                outage = False
             if report is not None and (report.requeued or report.cancelled or report.pruned):
                 logger.warning("reaper: requeued %s, cancelled %s, pruned %d expired index entries",
                                report.requeued, report.cancelled, report.pruned)

@@ -143,7 +143,7 @@ def test_a_redis_restart_mid_training_fails_nothing(cluster: Cluster, outage_s: 
     assert served_model is not None
     gateway = GatewayProcess(redis_url=cluster.redis.url, store_dir=cluster.store_dir,
                              log_path=cluster.root / "gateway.log").start()
-    image = {"model": served_model, "images": [np.full((8, 8), 0.5).tolist()], "format": "f32"}
+    image = {"model": served_model, "pixels": np.full((8, 8), 0.5).tolist()}
     try:
         with httpx.Client(base_url=gateway.url, timeout=30) as http:
             assert http.post("/reconstruct", json=image).status_code == 200  # loaded before the outage
