@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -258,3 +261,29 @@ def test_stale_staging_directories_are_removed(store_dir: Path) -> None:
     assert store.remove_stale_temporaries() == 1
     assert not stale.exists() and fresh.exists()
     assert ModelStore(store_dir / "empty").remove_stale_temporaries() == 0
+
+
+def test_staging_directories_of_dead_writers_on_this_host_are_removed_at_once(store_dir: Path) -> None:
+    store = ModelStore(store_dir)
+    mine = store.staging_dir()  # this process: alive
+    assert mine.name.startswith(f"staging-{os.getpid()}@{socket.gethostname()}-")
+    dead_writer = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                 text=True, check=True)
+    dead_pid = int(dead_writer.stdout)
+    cut_short = store.tmp_dir / f"staging-{dead_pid}@{socket.gethostname()}-abc123"
+    cut_short.mkdir()
+    (cut_short / "model.onnx").write_bytes(b"a publish the kill cut short")
+    other_host = store.tmp_dir / f"staging-{dead_pid}@another-host-abc123"  # cannot be checked from here
+    other_host.mkdir()
+    assert store.remove_stale_temporaries(older_than_s=3600) == 1
+    assert not cut_short.exists() and mine.exists() and other_host.exists()
+
+
+def test_a_second_publish_of_the_same_model_id_is_refused_and_leaves_no_version(store_dir: Path) -> None:
+    store = ModelStore(store_dir)
+    card = make_card(store, "twice")
+    store.publish_model(store.staging_dir(), card)
+    duplicate = card.model_copy(update={"version": store.reserve_version(card.name)})
+    with pytest.raises(Conflict):
+        store.publish_model(store.staging_dir(), duplicate)
+    assert store.list_models(name=card.name)[1] == 1
