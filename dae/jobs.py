@@ -89,6 +89,19 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 _T = TypeVar("_T")
 
 
+#: Replies of a Redis that refuses writes that redis-py has no class for; inside a pipeline after "caused error: ".
+_REFUSAL_REPLY = re.compile(r"(?:^|caused error: )(MISCONF|NOREPLICAS|MASTERDOWN) ")
+
+
+def is_redis_outage(error: BaseException) -> bool:
+    """True when Redis is unreachable, still loading, timed out or refusing writes (retry later), False for a bug."""
+    if isinstance(error, redis.ConnectionError | redis.TimeoutError):  # includes BusyLoadingError
+        return True
+    if isinstance(error, redis.OutOfMemoryError | redis.ReadOnlyError):
+        return True
+    return isinstance(error, redis.ResponseError) and _REFUSAL_REPLY.search(str(error)) is not None
+
+
 class LeaseLost(Exception):
     """This attempt no longer holds its job's lease: another attempt owns the job, so it must write nothing more."""
 

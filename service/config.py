@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from pydantic import Field, RedisDsn, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from dae.jobs import MAX_TASK_TIME_S
+from dae.jobs import DEFAULT_RETENTION_DAYS, MAX_TASK_TIME_S
 
 #: The longest possible task plus an hour (the worker uses the same default; see worker/config.py).
 DEFAULT_VISIBILITY_TIMEOUT_S = int(MAX_TASK_TIME_S + 3600)
@@ -67,13 +67,20 @@ class Settings(BaseSettings):
     inference_workers: int = Field(
         1, ge=1, le=64, description="Micro-batches that may run at the same time (threads calling onnxruntime)."
     )
-    retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After sent with 503 when the queue is full.")
+    retry_after_s: int = Field(
+        1, ge=1, le=3600,
+        description="Retry-After sent with every 503 (serving queue full, job store or broker unavailable).",
+    )
 
     # Celery producer. Same variable as the worker's (DAE_VISIBILITY_TIMEOUT_S), so both sides agree.
     visibility_timeout_s: float = Field(
         DEFAULT_VISIBILITY_TIMEOUT_S,
         gt=0,
         description="Redis broker visibility timeout, seconds; longer than the longest allowed job.",
+    )
+
+    job_retention_days: float = Field(
+        DEFAULT_RETENTION_DAYS, gt=0, description="Days a finished job's record and event stream are kept in Redis."
     )
 
     @field_validator("api_keys", mode="before")

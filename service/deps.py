@@ -3,11 +3,13 @@
 Resources (Redis client, job store, model store, Celery producer, inference engine) are created in
 `service.main.lifespan` and kept on `app.state.resources`; nothing here opens a connection. The getters are
 `async def` on purpose: they only read app.state, and FastAPI would run plain `def` dependencies in the
-threadpool (a thread hop per dependency per request).
+threadpool (a thread hop per dependency per request). Which Redis errors are an outage (503) rather than a bug is
+decided here too, once, for the error handler and the event stream.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -23,6 +25,11 @@ from service.inference import InferenceEngine
 
 API_KEY_HEADER = "X-API-Key"
 
+#: Errors of a Redis that cannot be reached, is still loading its data or did not answer in time.
+REDIS_UNREACHABLE_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+#: Replies of a Redis that refuses writes: out of memory (noeviction), a failed RDB/AOF write (MISCONF), read-only.
+REDIS_REFUSED_ERRORS = (redis.OutOfMemoryError, redis.ReadOnlyError)
+
 
 @dataclass
 class Resources:
@@ -34,6 +41,7 @@ class Resources:
     store: ModelStore
     producer: Celery
     inference: InferenceEngine
+    store_writable: Callable[[], str]  # "ok" or why the model store is not writable (cached: it writes a file)
 
 
 async def get_resources(request: Request) -> Resources:
@@ -71,6 +79,25 @@ async def get_inference(request: Request) -> InferenceEngine:
     return request.app.state.resources.inference
 
 
+def redis_reply(error: BaseException, limit: int = 300) -> str:
+    """The error as Redis or the socket said it, without the pipeline's echo of the command (it holds job data)."""
+    text = str(error).rpartition("caused error: ")[2]
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def job_store_unavailable_message(error: BaseException) -> str:
+    """The 503 sentence for a Redis outage: which store, what was expected, what it answered (never the URL)."""
+    if isinstance(error, REDIS_UNREACHABLE_ERRORS):
+        what, expected = "unreachable", "Redis at DAE_REDIS_URL to answer"
+    else:
+        what, expected = "refusing writes", "Redis at DAE_REDIS_URL to accept writes"
+    return (
+        f"The job store is {what}; retry later. Expected {expected}. "
+        f"Received: {type(error).__name__}: {redis_reply(error)}"
+    )
+
+
+ResourcesDep = Annotated[Resources, Depends(get_resources)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 JobStoreDep = Annotated[JobStore, Depends(get_job_store)]

@@ -2,7 +2,8 @@
 
 Nothing connects at import time: the Redis client, the Celery producer, the model store and the inference
 engine are opened in `lifespan` and reach routes through service.deps. Errors are mapped to HTTP once, here:
-every DaeError by its status_code, request validation as 422, all as JSON `{"detail": "..."}`.
+every DaeError by its status_code, request validation as 422, an unreachable or write-refusing Redis as 503 with
+Retry-After, all as JSON `{"detail": "..."}`.
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ from celery import Celery
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 import dae
-from dae.errors import DaeError, Overloaded
-from dae.jobs import JobStore
+from dae.errors import DaeError
+from dae.jobs import JobStore, is_redis_outage
 from dae.store import ModelStore
 from service.config import Settings, get_settings
-from service.deps import Resources
+from service.deps import Resources, job_store_unavailable_message, redis_reply
 from service.direct_lane import GatewayApp
 from service.inference import InferenceEngine
 from service.metrics import GatewayMetrics
@@ -35,6 +38,8 @@ from service.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, Metric
 from service.openapi import build_openapi
 from service.responses import OrjsonResponse
 from service.routes import ROUTERS
+from service.routes.health import STORE_CHECK_TTL_S, CachedCheck, check_store_writable
+from service.routes.jobs import EVENTS_BLOCK_MS
 from service.routes.reconstruct import reconstruct_route
 
 logger = logging.getLogger(__name__)
@@ -63,6 +68,17 @@ TAGS = [
 ]
 
 
+#: Redis timeouts of the gateway: a dead, restarting or hung Redis fails a request within ~2 s (a 503), never hangs it.
+REDIS_CONNECT_TIMEOUT_S = 0.5
+#: Above the event stream's XREAD BLOCK, which would otherwise time out on a healthy Redis.
+REDIS_SOCKET_TIMEOUT_S = EVENTS_BLOCK_MS / 1000 + 1.0
+#: Retries of one Redis command after a connection error (a pooled connection that a restart closed is replaced).
+#: redis-py's default is 10 retries with backoff up to 1 s, each reconnecting with the same policy: ~5 s per refusal.
+REDIS_RETRIES = 1
+#: The producer only pushes messages (it never blocks on a read), so its reads may time out sooner.
+BROKER_SOCKET_TIMEOUT_S = 1.0
+
+
 def operation_id(route: APIRoute) -> str:
     """Stable operationIds: `{tag}-{route function name}`, e.g. `jobs-create_job`."""
     return f"{route.tags[0]}-{route.name}" if route.tags else route.name
@@ -76,11 +92,28 @@ def make_producer(settings: Settings) -> Celery:
         accept_content=["json"],
         result_serializer="json",
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
-        # A broker outage fails POST /jobs within about a second instead of hanging the request.
-        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            # Without socket timeouts a hung Redis (accepting connections, never answering) hangs POST /jobs.
+            "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S,
+        },
+        # A broker outage fails POST /jobs within about a second (a hung one within ~2 s) instead of hanging it.
+        task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
     )
     return producer
+
+
+def make_redis_client(settings: Settings) -> redis.Redis:
+    """The gateway's Redis client: short timeouts and one quick retry, so an outage is a fast 503, never a hang."""
+    retry = Retry(ExponentialBackoff(cap=0.25, base=0.05), REDIS_RETRIES, supported_errors=(redis.ConnectionError,))
+    return redis.Redis.from_url(
+        str(settings.redis_url),
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+        retry=retry,
+        # No health_check_interval: Redis refuses its PING under MISCONF, which would fail reads Redis still serves.
+    )
 
 
 _startup_objects_frozen = False
@@ -107,9 +140,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Open the app's resources (the only place that connects to anything) and close them at shutdown."""
     settings: Settings = app.state.settings
     metrics: GatewayMetrics = app.state.metrics
-    redis_client = redis.Redis.from_url(
-        str(settings.redis_url), socket_connect_timeout=2, socket_timeout=30, health_check_interval=30
-    )
+    redis_client = make_redis_client(settings)
     store = ModelStore(settings.store_dir)
     inference = InferenceEngine(
         store,
@@ -123,10 +154,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         retry_after_s=settings.retry_after_s,
         on_batch=metrics.observe_batch,
     )
-    jobs = JobStore(redis_client)
+    jobs = JobStore(redis_client, retention_s=settings.job_retention_days * 86400)
     producer = make_producer(settings)
+    store_writable = CachedCheck(lambda: check_store_writable(settings.store_dir), ttl_s=STORE_CHECK_TTL_S)
     app.state.resources = Resources(
-        settings=settings, redis=redis_client, jobs=jobs, store=store, producer=producer, inference=inference
+        settings=settings, redis=redis_client, jobs=jobs, store=store, producer=producer, inference=inference,
+        store_writable=store_writable,
     )
     app.state.sse_limiter = anyio.CapacityLimiter(SSE_STREAMS_LIMIT)
     metrics.scrape_time.job_counts = jobs.counts_by_state
@@ -183,13 +216,27 @@ def _error_entries(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def handle_dae_error(request: Request, error: DaeError) -> Response:
-    """Every library error: its status_code and message."""
+    """Every library error: its status_code and message; a 503 says when to retry."""
     headers = None
-    if isinstance(error, Overloaded):
+    if error.status_code == 503:  # Overloaded, or a job the broker did not accept
         headers = {"Retry-After": str(request.app.state.settings.retry_after_s)}
     if error.status_code >= 500:
         logger.error("%s: %s", type(error).__name__, error.message)
     return OrjsonResponse({"detail": error.message}, status_code=error.status_code, headers=headers)
+
+
+async def handle_redis_error(request: Request, error: redis.RedisError) -> Response:
+    """Redis unreachable or refusing writes is an outage (503, retry later); any other Redis error is a bug."""
+    if not is_redis_outage(error):
+        return await handle_unexpected(request, error)
+    logger.warning(
+        "job store unavailable on %s %s: %s: %s", request.method, request.url.path, type(error).__name__, redis_reply(error)
+    )
+    return OrjsonResponse(
+        {"detail": job_store_unavailable_message(error)},
+        status_code=503,
+        headers={"Retry-After": str(request.app.state.settings.retry_after_s)},
+    )
 
 
 async def handle_validation_error(request: Request, error: RequestValidationError) -> Response:
@@ -243,6 +290,7 @@ def create_app(settings: Settings | None = None) -> GatewayApp:
     app.state.metrics = metrics
 
     app.add_exception_handler(DaeError, handle_dae_error)
+    app.add_exception_handler(redis.RedisError, handle_redis_error)
     app.add_exception_handler(RequestValidationError, handle_validation_error)
     app.add_exception_handler(StarletteHTTPException, handle_http_exception)
     app.add_exception_handler(Exception, handle_unexpected)

@@ -53,7 +53,7 @@ class Liveness(BaseModel):
 
 
 class Readiness(BaseModel):
-    """Whether the gateway can serve: Redis reachable and the store writable."""
+    """Whether the gateway can serve: Redis reachable and accepting writes, the model store writable."""
 
     status: str = Field(description="`ready` or `unavailable`.", examples=["ready"])
     checks: dict[str, str] = Field(

@@ -25,7 +25,7 @@ class RedisServer:
     port and data directory is a real crash and restart from the AOF.
     """
 
-    def __init__(self, data_dir: Path, *, appendonly: bool = False) -> None:
+    def __init__(self, data_dir: Path, *, appendonly: bool = False, extra_args: tuple[str, ...] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed: run scripts/ensure-system-packages or set DAE_REDIS_URL")
@@ -33,8 +33,8 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
         data_dir.mkdir(parents=True, exist_ok=True)
         self.command = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                        "--appendonly", "yes" if appendonly else "no", "--dir", str(data_dir),
-                        "--maxmemory-policy", "noeviction"]
+                        "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
+                        "--dir", str(data_dir), "--maxmemory-policy", "noeviction", *extra_args]
         self.start()
 
     def start(self) -> RedisServer:
@@ -56,8 +56,13 @@ class RedisServer:
 
     def kill(self) -> None:
         """SIGKILL redis-server (a crash: whatever the AOF had not written is lost)."""
-        self.process.kill()
-        self.process.wait(timeout=5)
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=5)
+
+    def client(self) -> redis.Redis:
+        """A new client of this server that fails fast while it is down."""
+        return redis.Redis.from_url(self.url, socket_connect_timeout=1, socket_timeout=2)
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -32,10 +32,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dae.jobs import TRAIN_QUEUE, TRAIN_TASK_NAME, JobStore, enqueue_training
+from dae.jobs import TRAIN_QUEUE, TRAIN_TASK_NAME, JobStore, enqueue_training, is_redis_outage
 from dae.spec import JobState
 from dae.store import ModelStore
-from worker.attempt import is_redis_outage
 
 logger = logging.getLogger(__name__)
 

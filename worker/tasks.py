@@ -63,11 +63,12 @@ from dae.jobs import (
     JobStore,
     LeaseLost,
     enqueue_training,
+    is_redis_outage,
     task_time_limits,
 )
 from dae.spec import JobRecord, TrainingSpec
 from dae.store import ModelStore, model_id_for_job
-from worker.attempt import AttemptMonitor, is_redis_outage, retry_through_outages
+from worker.attempt import AttemptMonitor, retry_through_outages
 from worker.celery_app import app
 from worker.config import WorkerSettings, get_settings
 

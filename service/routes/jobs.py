@@ -1,6 +1,8 @@
 """Training jobs: submit (enqueue `dae.train` by name), list, read, cancel and follow them (Server-Sent Events).
 
 The gateway never waits on a task: POST answers 202 with a Location and the job's state is read from Redis.
+While Redis is unreachable these routes answer 503 (service.main maps the errors); an open event stream waits for
+Redis to come back instead of breaking.
 """
 
 from __future__ import annotations
@@ -10,16 +12,25 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
+import redis
+from celery import Celery
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from dae.data import BUILTIN_DATASETS, dataset_info
-from dae.errors import DaeError, DatasetNotFound, DatasetUnavailable, InvalidSpec
-from dae.jobs import EVENT_ID_PATTERN, TRAIN_QUEUE, TRAIN_TASK_NAME, state_event, task_time_limits
+from dae.errors import DaeError, DatasetNotFound, DatasetUnavailable, InvalidSpec, JobNotFound
+from dae.jobs import EVENT_ID_PATTERN, JobStore, enqueue_training, is_redis_outage, state_event
 from dae.spec import JobRecord, JobState, TrainingSpec, check_spec_for_images
 from dae.store import ModelStore
 from service.config import Settings
-from service.deps import ApiKeyRequired, JobStoreDep, ModelStoreDep, ProducerDep, SettingsDep
+from service.deps import (
+    ApiKeyRequired,
+    JobStoreDep,
+    ModelStoreDep,
+    ProducerDep,
+    SettingsDep,
+    redis_reply,
+)
 from service.schemas import JobList, error_responses
 
 logger = logging.getLogger(__name__)
@@ -28,6 +39,8 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[ApiKeyRequired])
 
 #: How long one Redis read of the event stream waits for new events before checking the job again.
 EVENTS_BLOCK_MS = 1000
+#: Pauses of an event stream between reads while Redis is unreachable: the first, doubled up to the last.
+EVENTS_OUTAGE_BACKOFF_S = (0.25, 2.0)
 
 
 class BrokerUnavailable(DaeError):
@@ -87,31 +100,44 @@ def create_job(
     """Validate the spec against its dataset, record the job and queue it; answers 202 with a Location."""
     check_submittable(spec, settings, store)
     record, created = jobs.create(spec, idempotency_key=idempotency_key)
-    if created:
-        soft_limit, hard_limit = task_time_limits(spec)
-        try:
-            producer.send_task(
-                TRAIN_TASK_NAME,
-                args=[record.id],
-                queue=TRAIN_QUEUE,
-                soft_time_limit=soft_limit,
-                time_limit=hard_limit,
-            )
-        except Exception as error:  # kombu/redis raise many types; the job must not stay queued forever
-            logger.exception("could not enqueue job %s", record.id)
-            jobs.mark_failed(record.id, f"The job could not be queued ({type(error).__name__}); submit it again.")
-            raise BrokerUnavailable(
-                f"The training queue is unreachable. Expected the broker at DAE_REDIS_URL to accept the job. "
-                f"Received: {type(error).__name__}: {error}"
-            ) from None
+    # A replayed key whose first send failed is sent again: the retry the 503 asked for.
+    if created or jobs.needs_dispatch(record.id):
+        dispatch(record, jobs, producer, idempotency_key=idempotency_key)
         logger.info("queued job %s (dataset %s, %d epochs)", record.id, spec.dataset, spec.epochs)
-    else:
+    if not created:
         response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = f"/jobs/{record.id}"
     return record
 
 
-@router.get("", response_model=JobList, summary="List jobs", responses=error_responses(401, 403, 422))
+def dispatch(record: JobRecord, jobs: JobStore, producer: Celery, *, idempotency_key: str | None) -> None:
+    """Send the job's message and note it; BrokerUnavailable (503) if the broker refused it.
+
+    With an Idempotency-Key the job stays queued, so the client's retry (or the workers' reaper) sends it again;
+    without one the client cannot reach this job again, so it is failed rather than left to run unseen.
+    """
+    try:
+        enqueue_training(producer, record)
+    except Exception as error:  # kombu/redis raise many types; every one means "not queued"
+        logger.warning("could not enqueue job %s: %s: %s", record.id, type(error).__name__, error)
+        if idempotency_key is None:
+            jobs.mark_failed(record.id, f"The job could not be queued ({type(error).__name__}); submit it again.")
+            outcome, advice = "was marked failed", "submit it again"
+        else:
+            outcome = "is recorded as queued"
+            advice = ("retry with the same Idempotency-Key to queue it (the workers also queue it within about a "
+                      "minute once the broker is back)")
+        raise BrokerUnavailable(
+            f"Job {record.id} {outcome} but the training queue did not accept it. Expected the broker at "
+            f"DAE_REDIS_URL to accept the job; {advice}. Received: {type(error).__name__}: {error}"
+        ) from None
+    try:
+        jobs.mark_dispatched(record.id)
+    except redis.RedisError as error:  # the message is out: the reaper finds it in the queue, so still a 202
+        logger.warning("job %s queued but not noted as dispatched: %s: %s", record.id, type(error).__name__, error)
+
+
+@router.get("", response_model=JobList, summary="List jobs", responses=error_responses(401, 403, 422, 503))
 def list_jobs(
     jobs: JobStoreDep,
     state: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
@@ -123,14 +149,16 @@ def list_jobs(
     return JobList(items=items, total=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}", response_model=JobRecord, summary="Read a job", responses=error_responses(401, 403, 404))
+@router.get(
+    "/{job_id}", response_model=JobRecord, summary="Read a job", responses=error_responses(401, 403, 404, 503)
+)
 def read_job(job_id: str, jobs: JobStoreDep) -> JobRecord:
     """The full record: state, progress, per-epoch history, model id, failure reason."""
     return jobs.get(job_id)
 
 
 @router.delete(
-    "/{job_id}", response_model=JobRecord, summary="Cancel a job", responses=error_responses(401, 403, 404, 409)
+    "/{job_id}", response_model=JobRecord, summary="Cancel a job", responses=error_responses(401, 403, 404, 409, 503)
 )
 def cancel_job(job_id: str, jobs: JobStoreDep) -> JobRecord:
     """Ask a job to stop (idempotent): queued → cancelled at once, running → cancelling; 409 if it already finished."""
@@ -161,7 +189,7 @@ async def checked_last_event_id(
     "/{job_id}/events",
     response_class=EventSourceResponse,
     summary="Follow a job (Server-Sent Events)",
-    responses=error_responses(400, 401, 403, 404),
+    responses=error_responses(400, 401, 403, 404, 503),
 )
 async def stream_job_events(
     request: Request,
@@ -169,21 +197,54 @@ async def stream_job_events(
     jobs: JobStoreDep,
     last_event_id: Annotated[str | None, Depends(checked_last_event_id)],
 ) -> AsyncIterator[ServerSentEvent]:
-    """Replays the job's events (from the start or after Last-Event-ID): `epoch` per epoch, `state` on each change; closes after the final state."""
+    """Replays the job's events (from the start or after Last-Event-ID): `epoch` per epoch, `state` on each change; closes after the final state, stays open through a Redis outage."""
     limiter: anyio.CapacityLimiter = request.app.state.sse_limiter
     cursor = last_event_id
+    failures = 0
     while not await request.is_disconnected():
-        events = await anyio.to_thread.run_sync(jobs.read_events, job.id, cursor, 0, limiter=limiter)
-        if not events:
-            record = await anyio.to_thread.run_sync(jobs.get, job.id, limiter=limiter)
-            if record.state.is_terminal:
-                # Everything up to the end was sent before Last-Event-ID (or the stream was trimmed): close
-                # with the final state instead of waiting for events that will never come.
-                yield ServerSentEvent(event="state", data=state_event(record))
-                return
-            events = await anyio.to_thread.run_sync(jobs.read_events, job.id, cursor, EVENTS_BLOCK_MS, limiter=limiter)
+        try:
+            events, final = await next_events(jobs, job.id, cursor, limiter)
+        except JobNotFound:  # the record vanished (expired, or lost with Redis's last unsaved second)
+            return
+        except redis.RedisError as error:
+            if not is_redis_outage(error):
+                raise
+            if failures == 0:
+                logger.warning("job store unreachable while following job %s; retrying: %s", job.id, redis_reply(error))
+                yield ServerSentEvent(comment="job store unreachable; retrying")
+            await anyio.sleep(outage_pause_s(failures))
+            failures += 1
+            continue
+        if failures:
+            logger.info("job store reachable again; following job %s", job.id)
+            failures = 0
+        if final is not None:
+            # Everything up to the end was sent before Last-Event-ID (or the stream was trimmed): close with the
+            # final state instead of waiting for events that will never come.
+            yield ServerSentEvent(event="state", data=state_event(final))
+            return
         for event_id, payload in events:
             cursor = event_id
             yield ServerSentEvent(id=event_id, event=str(payload.get("type", "message")), data=payload)
             if payload.get("type") == "state" and JobState(payload["state"]).is_terminal:
                 return
+
+
+async def next_events(
+    jobs: JobStore, job_id: str, cursor: str | None, limiter: anyio.CapacityLimiter
+) -> tuple[list[tuple[str, dict]], JobRecord | None]:
+    """The events after `cursor` (waiting up to EVENTS_BLOCK_MS), or none and the record once the job has finished."""
+    events = await anyio.to_thread.run_sync(jobs.read_events, job_id, cursor, 0, limiter=limiter)
+    if events:
+        return events, None
+    record = await anyio.to_thread.run_sync(jobs.get, job_id, limiter=limiter)
+    if record.state.is_terminal:
+        return [], record
+    events = await anyio.to_thread.run_sync(jobs.read_events, job_id, cursor, EVENTS_BLOCK_MS, limiter=limiter)
+    return events, None
+
+
+def outage_pause_s(failures: int) -> float:
+    """How long an event stream waits before its next read after `failures` failed ones (doubling, capped)."""
+    first, most = EVENTS_OUTAGE_BACKOFF_S
+    return min(most, first * 2 ** min(failures, 16))

@@ -48,7 +48,7 @@ def running_service(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("readme")
     port = 8000 if port_8000_is_free() else free_port()
     env = {key: value for key, value in os.environ.items() if key != "DAE_REDIS_URL"}
-    env.update(PORT=str(port), DAE_STORE_DIR=str(root / "store"))
+    env.update(PORT=str(port), DAE_STORE_DIR=str(root / "store"), DAE_VAR_DIR=str(root / "var"))
     log = open(root / "run-local.log", "wb")
     started = time.monotonic()
     process = subprocess.Popen([str(REPO_ROOT / "scripts" / "run-local")], cwd=REPO_ROOT, env=env, stdout=log,

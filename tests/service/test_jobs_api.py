@@ -6,6 +6,7 @@ import base64
 import json
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -16,7 +17,8 @@ from dae.jobs import TRAIN_QUEUE, TRAIN_TASK_NAME, JobStore, task_time_limits
 from dae.spec import EpochMetrics, JobState, TrainingSpec
 from dae.store import ModelStore
 from service.config import Settings
-from service.main import create_app
+from service.deps import get_producer
+from service.main import make_producer
 
 SPEC = {"name": "digits-demo", "dataset": "digits", "epochs": 2, "architecture": {"type": "dense", "hidden_units": [16]}}
 
@@ -232,17 +234,58 @@ def test_jobs_on_an_uploaded_dataset_are_checked_against_its_shape(client, store
     assert ok.status_code == 202
 
 
-def test_a_broker_outage_fails_the_job_instead_of_leaving_it_queued(settings, service_redis_url):
-    # The job records live in the reachable Redis; only the broker URL points at a closed port.
-    app = create_app(settings)
-    with TestClient(app) as client:
-        from service.main import make_producer
+@pytest.fixture
+def refused_sends(client: TestClient) -> Iterator[None]:
+    """POST /jobs sends to a broker on a closed port while job records stay in the reachable test Redis."""
+    broken = make_producer(Settings(redis_url="redis://127.0.0.1:1/0"))
+    client.app.dependency_overrides[get_producer] = lambda: broken
+    yield
+    client.app.dependency_overrides.pop(get_producer, None)
+    broken.close()
 
-        broken = Settings(redis_url="redis://127.0.0.1:1/0", store_dir=settings.store_dir)
-        app.state.resources.producer = make_producer(broken)
-        response = client.post("/jobs", json=SPEC)
-        assert response.status_code == 503
-        assert "unreachable" in response.json()["detail"]
-        latest = client.get("/jobs", params={"limit": 1}).json()["items"][0]
-        assert latest["state"] == JobState.failed.value
-        assert "could not be queued" in latest["failure_reason"]
+
+def test_a_refused_send_without_a_key_fails_the_job_instead_of_leaving_it_queued(client, refused_sends):
+    response = client.post("/jobs", json=SPEC)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert "did not accept" in response.json()["detail"] and "marked failed" in response.json()["detail"]
+    latest = client.get("/jobs", params={"limit": 1}).json()["items"][0]
+    assert latest["state"] == JobState.failed.value
+    assert "could not be queued" in latest["failure_reason"]
+
+
+def test_a_refused_send_with_a_key_stays_queued_and_the_retry_queues_it(client, refused_sends, service_redis):
+    key = f"key-{time.time_ns()}"
+    refused = client.post("/jobs", json=SPEC, headers={"Idempotency-Key": key})
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "1"
+    detail = refused.json()["detail"]
+    assert "same Idempotency-Key" in detail and "Received: OperationalError" in detail
+    job_id = detail.split()[1]
+    assert client.get(f"/jobs/{job_id}").json()["state"] == "queued"  # not failed: the retry may still run it
+    assert queued_messages(service_redis, job_id) == []
+
+    client.app.dependency_overrides.pop(get_producer)  # the broker is back
+    retried = client.post("/jobs", json=SPEC, headers={"Idempotency-Key": key})
+    assert retried.status_code == 202
+    assert retried.json()["id"] == job_id and retried.json()["state"] == "queued"
+    assert retried.headers["idempotent-replayed"] == "true"
+    assert retried.headers["location"] == f"/jobs/{job_id}"
+    assert len(queued_messages(service_redis, job_id)) == 1
+
+    replayed = client.post("/jobs", json=SPEC, headers={"Idempotency-Key": key})
+    assert replayed.status_code == 202 and replayed.json()["id"] == job_id
+    assert replayed.headers["idempotent-replayed"] == "true"
+    assert len(queued_messages(service_redis, job_id)) == 1  # dispatched once: a replay sends nothing more
+
+
+def test_a_job_created_without_a_message_is_sent_by_the_next_retry_of_its_key(client, settings, service_redis):
+    # The crash between writing the record and sending it (gateway killed): the record exists, no message does.
+    key = f"key-{time.time_ns()}"
+    jobs = JobStore(service_redis)
+    record, created = jobs.create(TrainingSpec.model_validate(SPEC), idempotency_key=key)
+    assert created and jobs.needs_dispatch(record.id)
+    response = client.post("/jobs", json=SPEC, headers={"Idempotency-Key": key})
+    assert response.status_code == 202 and response.json()["id"] == record.id
+    assert len(queued_messages(service_redis, record.id)) == 1
+    assert not jobs.needs_dispatch(record.id)

@@ -129,7 +129,7 @@ def test_a_lost_worker_host_is_recovered_at_production_defaults(cluster: Cluster
     assert cluster.models_of(record.id) == [final.model_id]
     assert [entry.epoch for entry in cluster.store.read_card(final.model_id).history] == [1, 2, 3, 4, 5, 6]
     assert "queued it again" in replacement.log_text()  # the reaper, not the broker's 25 h visibility timeout
-    assert not (cluster.store.checkpoints_dir / record.id).exists()
+    wait_until(lambda: not (cluster.store.checkpoints_dir / record.id).exists(), 10, "the checkpoints to go")
     print(f"lost host: training again {recovery_s:.1f} s after the kill")  # noqa: T201 - the figure in README
 
 
@@ -223,7 +223,8 @@ def test_sigterm_hands_the_job_to_an_idle_worker(cluster: Cluster) -> None:
     final = cluster.wait_finished(record.id, second)
     assert final.state == JobState.cancelled and final.resumed_from_epoch >= 1
     assert cluster.states(record.id) == ["queued", "running", "retrying", "running", "cancelling", "cancelled"]
-    assert not (cluster.store.checkpoints_dir / record.id).exists()  # a cancelled job's checkpoints go
+    wait_until(lambda: not (cluster.store.checkpoints_dir / record.id).exists(), 10,
+               "a cancelled job's checkpoints to go", second)
 
 
 def test_a_job_whose_message_was_lost_is_queued_again(cluster: Cluster) -> None:

@@ -116,7 +116,8 @@ def test_job_runs_to_success_with_one_event_per_epoch(
     assert store.artifact_path(card.id, "model.onnx").stat().st_size > 0
     assert store.artifact_path(card.id, "model.keras").stat().st_size > 0
     assert events[-1]["model_id"] == card.id
-    assert not (store.checkpoints_dir / record.id).exists()  # a finished job's checkpoint is dropped
+    # A finished job's checkpoints are dropped right after its final state is recorded (never before).
+    wait_until(lambda: not (store.checkpoints_dir / record.id).exists(), 10, "the checkpoints to go", worker)
     assert models_of_job(store, record.id) == [card.id]
     # The pool child's evaluation helper computed the model-independent rows (dae.reference): it started, and the
     # table is complete.
@@ -146,7 +147,7 @@ def test_cancel_mid_training_stops_within_an_epoch(
     epoch_seconds = final.history[-1].elapsed_s / final.history[-1].epoch
     assert seconds_to_stop < 2 * epoch_seconds + 5, (seconds_to_stop, epoch_seconds)
     # Its checkpoints are removed once the cancel is recorded, and nothing was published.
-    assert not (store.checkpoints_dir / record.id).exists()
+    wait_until(lambda: not (store.checkpoints_dir / record.id).exists(), 10, "the checkpoints to go", worker)
     assert models_of_job(store, record.id) == []
     states = [e["state"] for _id, e in jobs.read_events(record.id, None, 0) if e["type"] == "state"]
     assert states == ["queued", "running", "cancelling", "cancelled"]
