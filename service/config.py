@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from pydantic import Field, RedisDsn, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from dae.cost import DEFAULT_MAX_MODEL_PARAMS, DEFAULT_MAX_TRAINING_MEMORY_MIB
 from dae.jobs import DEFAULT_RETENTION_DAYS, MAX_TASK_TIME_S
 
 #: The longest possible task plus an hour (the worker uses the same default; see worker/config.py).
@@ -46,6 +47,14 @@ class Settings(BaseSettings):
     max_image_side: int = Field(2048, ge=8, le=16384, description="Longest accepted image side, pixels.")
     max_epochs: int = Field(200, ge=1, le=1000, description="Most epochs a submitted job may ask for.")
     max_dataset_images: int = Field(100_000, ge=1, description="Most images in an uploaded dataset.")
+    max_model_params: int = Field(
+        DEFAULT_MAX_MODEL_PARAMS, ge=1, description="Most parameters a submitted job's model may have (estimated exactly)."
+    )
+    max_training_memory_mib: float = Field(
+        DEFAULT_MAX_TRAINING_MEMORY_MIB, gt=0,
+        description="Most training memory a submitted job may need (weights, optimizer state, gradients, one batch's "
+        "activations, training images; estimated), MiB.",
+    )
 
     # Inference (service/inference.py).
     inference_cache_size: int = Field(16, ge=1, le=1024, description="Most onnxruntime sessions kept loaded.")

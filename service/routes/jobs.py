@@ -17,10 +17,11 @@ from celery import Celery
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
+from dae.cost import check_job_cost
 from dae.data import BUILTIN_DATASETS, dataset_info
 from dae.errors import DaeError, DatasetNotFound, DatasetUnavailable, InvalidSpec, JobNotFound
 from dae.jobs import EVENT_ID_PATTERN, JobStore, enqueue_training, is_redis_outage, state_event
-from dae.spec import JobRecord, JobState, TrainingSpec, check_spec_for_images
+from dae.spec import JobRecord, JobState, TrainingSpec
 from dae.store import ModelStore
 from service.config import Settings
 from service.deps import (
@@ -50,7 +51,8 @@ class BrokerUnavailable(DaeError):
 
 
 def check_submittable(spec: TrainingSpec, settings: Settings, store: ModelStore) -> None:
-    """Reject specs that cannot run here: too many epochs, unknown or unavailable dataset, too deep for its images."""
+    """Reject specs that cannot run here: too many epochs, unknown or unavailable dataset, too deep for its images,
+    a model or training memory above the limits."""
     if spec.epochs > settings.max_epochs:
         raise InvalidSpec(
             f"epochs is above this service's limit. Expected at most {settings.max_epochs} (DAE_MAX_EPOCHS). "
@@ -68,7 +70,9 @@ def check_submittable(spec: TrainingSpec, settings: Settings, store: ModelStore)
             f"Dataset {spec.dataset!r} needs a download and this deployment has no cached copy. Expected an "
             f"available dataset (see GET /datasets). Received: dataset={spec.dataset!r}"
         )
-    check_spec_for_images(spec, tuple(info.shape))
+    # Too deep for the images, or what no worker could hold: refused here, before it is queued and kills pool children.
+    check_job_cost(spec, tuple(info.shape), max_params=settings.max_model_params,
+                   max_training_memory_mib=settings.max_training_memory_mib, train_images=info.count)
 
 
 @router.post(

@@ -18,7 +18,7 @@ from dae.spec import EpochMetrics, JobState, TrainingSpec
 from dae.store import ModelStore
 from service.config import Settings
 from service.deps import get_producer
-from service.main import make_producer
+from service.main import create_app, make_producer
 
 SPEC = {"name": "digits-demo", "dataset": "digits", "epochs": 2, "architecture": {"type": "dense", "hidden_units": [16]}}
 
@@ -289,3 +289,45 @@ def test_a_job_created_without_a_message_is_sent_by_the_next_retry_of_its_key(cl
     assert response.status_code == 202 and response.json()["id"] == record.id
     assert len(queued_messages(service_redis, record.id)) == 1
     assert not jobs.needs_dispatch(record.id)
+
+
+OVERSIZED_SPECS = {
+    "dense 8 x 8192": ({"dataset": "fashion_mnist", "architecture": {"type": "dense", "hidden_units": [8192] * 8}},
+                       "953,025,328 parameters", "architecture.hidden_units"),
+    "conv 4 x 1024, kernel 11, batch 4096": (
+        {"dataset": "fashion_mnist", "batch_size": 4096,
+         "architecture": {"type": "conv", "filters": [1024] * 4, "kernel_size": 11}},
+        "888,399,873 parameters", "architecture.filters"),
+}
+
+
+@pytest.mark.parametrize("name", list(OVERSIZED_SPECS))
+def test_a_job_no_worker_could_hold_is_refused_before_it_is_queued(client, service_redis, name):
+    body, estimate, field = OVERSIZED_SPECS[name]
+    queue_before = service_redis.llen(TRAIN_QUEUE)
+    jobs_before = client.get("/jobs").json()["total"]
+    response = client.post("/jobs", json=body)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert estimate in detail and field in detail and "MiB" in detail
+    assert "DAE_MAX_MODEL_PARAMS" in detail and "DAE_MAX_TRAINING_MEMORY_MIB" in detail
+    assert service_redis.llen(TRAIN_QUEUE) == queue_before  # nothing queued
+    assert client.get("/jobs").json()["total"] == jobs_before  # nothing recorded
+
+
+def test_the_cost_limits_are_settings_checked_at_their_boundary(settings):
+    from dae.cost import estimate_job_cost
+    from dae.data import dataset_info
+
+    spec = TrainingSpec.model_validate(SPEC)
+    info = dataset_info("digits")
+    cost = estimate_job_cost(spec, tuple(info.shape), train_images=info.count)
+    at_limit = settings.model_copy(update={"max_model_params": cost.parameters,
+                                           "max_training_memory_mib": cost.training_memory_mib})
+    with TestClient(create_app(at_limit)) as at:
+        assert at.post("/jobs", json=SPEC).status_code == 202
+    for over in ({"max_model_params": cost.parameters - 1},
+                 {"max_training_memory_mib": cost.training_memory_mib * (1 - 1e-6)}):
+        with TestClient(create_app(at_limit.model_copy(update=over))) as tight:
+            response = tight.post("/jobs", json=SPEC)
+            assert response.status_code == 422 and f"{cost.parameters:,} parameters" in response.json()["detail"]
