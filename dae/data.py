@@ -22,17 +22,20 @@ TensorFlow-free: keras is imported only to download an online dataset.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import io
 import logging
+import math
 import os
 import struct
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
@@ -53,8 +56,13 @@ UPLOAD_TEST_FRACTION = 0.1
 UPLOAD_MAX_TEST_IMAGES = 512
 #: Uploads need one image to train on and one to test on.
 MIN_UPLOAD_IMAGES = 2
-#: Default ceiling on the decoded size of an upload (float32 values): 64 Mi values = 256 MiB.
-DEFAULT_MAX_UPLOAD_VALUES = 64 * 1024 * 1024
+#: Default of DAE_MAX_DATASET_MB: an upload decodes to at most 256 MiB of float32 pixels, the array the parser returns
+#: and training loads (Fashion-MNIST's 70,000 28x28 images take 209 MiB).
+DEFAULT_MAX_DATASET_BYTES = 256 * 1024 * 1024
+#: Zip entries allowed beyond the image limit: folders and the __MACOSX/, .DS_Store files that are skipped.
+ZIP_ENTRY_ALLOWANCE = 1024
+#: Most members of an uploaded .npz (one per array; a dataset holds a handful).
+NPZ_MAX_MEMBERS = 64
 _MIN_IMAGE_SIDE = 3  # SSIM in the evaluation needs a 3x3 window
 
 DIGITS_TEST_IMAGES = 297
@@ -471,6 +479,34 @@ def list_datasets(store: ModelStore | None = None) -> list[DatasetInfo]:
 # Uploads: .npz or .zip of PNGs
 # ---------------------------------------------------------------------------------------------
 
+_FLOAT32_BYTES = 4
+#: The zip records read before zipfile is let loose on an upload (APPNOTE.TXT 4.3.14-4.3.16).
+_EOCD = struct.Struct("<4s4H2LH")
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
+_ZIP_COMMENT_WINDOW = 1 << 16  # a zip comment is at most 65,535 bytes
+#: Bytes of a .npy member read at a time: the only allocation besides the float32 result.
+_NPY_READ_CHUNK_BYTES = 4 * 1024 * 1024
+#: What a PNG may hold besides its pixels (ICC profile, text chunks): per file, and on average in a zip.
+_PNG_FILE_EXTRA_BYTES = 1024 * 1024
+_PNG_AVERAGE_EXTRA_BYTES = 64 * 1024
+#: The largest raw PNG pixel (16-bit RGBA) against the smallest decoded one (float32 gray).
+_PNG_RAW_BYTES_PER_PIXEL = 8
+
+
+@dataclass(frozen=True)
+class UploadLimits:
+    """The caps an upload is checked against, from its headers, before anything is decoded."""
+
+    max_images: int = 100_000
+    max_side: int = 512
+    max_bytes: int = DEFAULT_MAX_DATASET_BYTES
+
+
+def decoded_bytes(count: int, height: int, width: int, channels: int) -> int:
+    """Bytes of `count` images decoded to float32 (N, H, W, C): the parser's result and what training loads."""
+    return count * height * width * channels * _FLOAT32_BYTES
+
 
 def parse_uploaded_dataset(
     filename: str,
@@ -478,23 +514,25 @@ def parse_uploaded_dataset(
     *,
     max_images: int = 100_000,
     max_side: int = 512,
-    max_values: int = DEFAULT_MAX_UPLOAD_VALUES,
+    max_bytes: int = DEFAULT_MAX_DATASET_BYTES,
 ) -> np.ndarray:
     """Validate and decode an uploaded dataset into float32 (N, H, W, C) in [0, 1], C in {1, 3}.
 
     Accepted: `.npz` (key "x" or its only array; (N,H,W) or (N,H,W,C) with C in {1,3}; uint8 0-255 or float in
     [0, 1]; no pickled objects) and `.zip` of PNG files of one size (grayscale or RGB; mixed sets become RGB).
-    Sizes are checked from headers before anything is decompressed. Raises InvalidDataset or PayloadTooLarge.
+    Entry counts, declared sizes and the decoded size (`max_bytes` of float32) are checked from the zip directory
+    and the array/PNG headers before anything is decompressed. Raises InvalidDataset or PayloadTooLarge.
     """
     lowered = (filename or "").lower()
+    limits = UploadLimits(max_images, max_side, max_bytes)
     if not content:
         raise InvalidDataset(
             f"The uploaded file is empty. Expected a .npz or a .zip of PNGs. Received: filename={filename!r}, 0 bytes"
         )
     if lowered.endswith(".npz"):
-        images = _parse_npz(content, filename, max_images, max_side, max_values)
+        images = _parse_npz(content, filename, limits)
     elif lowered.endswith(".zip"):
-        images = _parse_png_zip(content, filename, max_images, max_side, max_values)
+        images = _parse_png_zip(content, filename, limits)
     else:
         raise InvalidDataset(
             f"Unsupported dataset file type. Expected a .npz file or a .zip of PNG images. Received: filename={filename!r}"
@@ -507,7 +545,46 @@ def parse_uploaded_dataset(
     return images
 
 
+def _central_directory(content: bytes) -> tuple[int, int, int] | None:
+    """(entries declared, start, end) of a zip's central directory, located the way zipfile locates it; None if
+    there is no end-of-central-directory record."""
+    position = len(content) - _EOCD.size
+    if position < 0:
+        return None
+    # zipfile takes the last 22 bytes when they are a comment-less EOCD, else the last signature in the last 64 KiB.
+    if not (content.startswith(b"PK\x05\x06", position) and content.endswith(b"\0\0")):
+        position = content.rfind(b"PK\x05\x06", max(0, len(content) - _ZIP_COMMENT_WINDOW - _EOCD.size))
+        if position < 0 or position + _EOCD.size > len(content):
+            return None
+    entries, size = _EOCD.unpack_from(content, position)[4:6]
+    end = position
+    locator, record = position - _ZIP64_LOCATOR.size, position - _ZIP64_LOCATOR.size - _ZIP64_EOCD.size
+    if record >= 0 and content.startswith(b"PK\x06\x07", locator) and content.startswith(b"PK\x06\x06", record):
+        # ZIP64 (more than 65,535 entries, or a large file): the real count and size live in the ZIP64 record.
+        entries, size = _ZIP64_EOCD.unpack_from(content, record)[7:9]
+        end = record
+    return entries, max(0, end - size), end
+
+
+def check_zip_entries(content: bytes, filename: str, max_entries: int, expected: str) -> None:
+    """Refuse a zip with more than `max_entries` members before zipfile.ZipFile lists them."""
+    # zipfile.ZipFile builds a ZipInfo for every member as it opens (200k empty members: 2.1 s, 117 MiB) before
+    # anything could count them, so the count comes first from the end-of-central-directory record.
+    directory = _central_directory(content)
+    if directory is None:
+        return  # not a zip: _open_zip says so
+    declared, start, end = directory
+    # zipfile reads records until the directory's byte size is used up, whatever the count field says: count those.
+    entries = max(declared, content.count(b"PK\x01\x02", start, end))
+    if entries > max_entries:
+        raise PayloadTooLarge(
+            f"Too many entries in {filename!r}. Expected {expected}. "
+            f"Received: {entries:,} entries (from its end-of-central-directory record)"
+        )
+
+
 def _open_zip(content: bytes, filename: str) -> zipfile.ZipFile:
+    """The upload as a ZipFile (after check_zip_entries: listing its members is then bounded)."""
     try:
         return zipfile.ZipFile(io.BytesIO(content))
     except (zipfile.BadZipFile, ValueError) as error:
@@ -515,57 +592,108 @@ def _open_zip(content: bytes, filename: str) -> zipfile.ZipFile:
         raise InvalidDataset(f"Expected a valid {kind}. Received: {filename!r} ({error})") from None
 
 
-def _check_image_dims(
-    count: int, height: int, width: int, max_images: int, max_side: int, max_values: int, channels: int, filename: str
-) -> None:
-    if count > max_images:
-        raise PayloadTooLarge(f"Too many images in {filename!r}. Expected at most {max_images}. Received: {count}")
+def _check_image_dims(count: int, height: int, width: int, channels: int, limits: UploadLimits, filename: str) -> None:
+    """Refuse from the headers' figures alone, before any pixel is decoded or allocated."""
+    if count > limits.max_images:
+        raise PayloadTooLarge(
+            f"Too many images in {filename!r}. Expected at most {limits.max_images}. Received: {count}"
+        )
     if min(height, width) < _MIN_IMAGE_SIDE:
         raise InvalidDataset(
             f"Images are too small. Expected height and width >= {_MIN_IMAGE_SIDE}. Received: {height}x{width}"
         )
-    if max(height, width) > max_side:
+    if max(height, width) > limits.max_side:
         raise PayloadTooLarge(
-            f"Images are too large. Expected height and width <= {max_side}. Received: {height}x{width}"
+            f"Images are too large. Expected height and width <= {limits.max_side}. Received: {height}x{width}"
         )
-    values = count * height * width * channels
-    if values > max_values:
+    size = decoded_bytes(count, height, width, channels)
+    if size > limits.max_bytes:
         raise PayloadTooLarge(
-            f"The dataset is too large: {count} images of {height}x{width}x{channels} = {values} values. "
-            f"Expected at most {max_values} values. Received: filename={filename!r}"
+            f"The dataset is too large once decoded: {count} images of {height}x{width}x{channels} as float32 take "
+            f"{size:,} bytes ({size / 2**20:,.1f} MiB). Expected at most {limits.max_bytes:,} bytes "
+            f"({limits.max_bytes / 2**20:,.1f} MiB, DAE_MAX_DATASET_MB). Received: filename={filename!r}"
         )
 
 
-def _parse_npz(content: bytes, filename: str, max_images: int, max_side: int, max_values: int) -> np.ndarray:
+@contextlib.contextmanager
+def _member_errors(expected: str, name: str) -> Iterator[None]:
+    """Turn what a corrupt zip member raises (zipfile, zlib, numpy and PIL use many types) into InvalidDataset."""
+    from PIL import Image  # noqa: PLC0415 - only uploads need PIL
+
+    try:
+        yield
+    except (InvalidDataset, PayloadTooLarge, MemoryError):
+        raise
+    except Image.DecompressionBombError as error:
+        raise PayloadTooLarge(
+            f"{name} is larger than Pillow's decompression-bomb guard allows. Expected {expected} of at most "
+            f"{Image.MAX_IMAGE_PIXELS * 2:,} pixels. Received: {error}"
+        ) from None
+    except Image.UnidentifiedImageError:
+        raise InvalidDataset(f"Expected {expected}. Received: {name}, which is not an image file") from None
+    except Exception as error:
+        raise InvalidDataset(f"Expected {expected}. Received: {name} ({type(error).__name__}: {error})") from None
+
+
+def _parse_npz(content: bytes, filename: str, limits: UploadLimits) -> np.ndarray:
+    """The images of a .npz: entry count, then the .npy header, then (only if both pass) the data."""
+    check_zip_entries(content, filename, NPZ_MAX_MEMBERS, f"a .npz of at most {NPZ_MAX_MEMBERS} arrays")
     archive = _open_zip(content, filename)
+    key, info = _npz_images_member(archive)
+    with _member_errors("a readable .npy array", f"key {key!r}"), archive.open(info) as handle:
+        # The .npy header first: shape and dtype decide whether reading the data is allowed at all.
+        shape, fortran_order, dtype = _npy_header(handle, key)
+        channels = _npz_channels(shape, dtype, key)
+        _check_image_dims(shape[0], shape[1], shape[2], channels, limits, filename)
+        expected_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if info.file_size > expected_bytes + 65536:
+            raise InvalidDataset(
+                f"The array file is larger than its header says. Expected about {expected_bytes} bytes. Received: "
+                f"{info.file_size} bytes declared for key {key!r}"
+            )
+        images = _read_npy_as_float32(handle, shape, fortran_order, dtype, key)
+    if dtype != np.uint8:
+        _check_unit_range(images)
+    return images.reshape(*shape[:3], channels)
+
+
+def _npz_images_member(archive: zipfile.ZipFile) -> tuple[str, zipfile.ZipInfo]:
+    """The key and member holding the images: "x", else the only array."""
     members = {info.filename: info for info in archive.infolist() if not info.is_dir()}
     arrays = {name[: -len(".npy")]: info for name, info in members.items() if name.endswith(".npy")}
     if not arrays:
         raise InvalidDataset(f"Expected a .npz with at least one array. Received: members={sorted(members)[:10]}")
     if "x" in arrays:
-        key = "x"
-    elif len(arrays) == 1:
-        key = next(iter(arrays))
-    else:
-        raise InvalidDataset(
-            f"Cannot tell which array holds the images. Expected a key 'x' or exactly one array. "
-            f"Received: keys={sorted(arrays)[:10]}"
-        )
-    info = arrays[key]
-    # Read only the .npy header first: dtype and shape decide whether decompressing the data is safe.
-    with archive.open(info) as handle:
-        try:
-            version = np.lib.format.read_magic(handle)
-            read_header = (
-                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return "x", arrays["x"]
+    if len(arrays) == 1:
+        return next(iter(arrays.items()))
+    raise InvalidDataset(
+        f"Cannot tell which array holds the images. Expected a key 'x' or exactly one array. "
+        f"Received: keys={sorted(arrays)[:10]}"
+    )
+
+
+def _npy_header(handle: IO[bytes], key: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) from a .npy header, reading nothing of the data."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        version = np.lib.format.read_magic(handle)
+        if version not in readers:
+            raise InvalidDataset(
+                f"Unsupported .npy format version. Expected 1.0 or 2.0. Received: key={key!r}, version={version}"
             )
-            shape, _fortran_order, dtype = read_header(handle)
-        except ValueError as error:
-            if "allow_pickle" in str(error) or "object" in str(error).lower():
-                raise InvalidDataset(
-                    f"Pickled object arrays are refused. Expected a numeric array. Received: key={key!r}"
-                ) from None
-            raise InvalidDataset(f"Expected a valid .npy array under key {key!r}. Received: {error}") from None
+        shape, fortran_order, dtype = readers[version](handle)
+    except ValueError as error:
+        if "allow_pickle" in str(error) or "object" in str(error).lower():
+            raise InvalidDataset(
+                f"Pickled object arrays are refused. Expected a numeric array. Received: key={key!r}"
+            ) from None
+        raise InvalidDataset(f"Expected a valid .npy array under key {key!r}. Received: {error}") from None
+    return tuple(int(side) for side in shape), bool(fortran_order), dtype
+
+
+def _npz_channels(shape: tuple[int, ...], dtype: np.dtype, key: str) -> int:
+    """The channel count of a (N,H,W) or (N,H,W,C) pixel array; InvalidDataset for any other dtype or shape."""
     if dtype.hasobject:
         raise InvalidDataset(
             f"Pickled object arrays are refused. Expected uint8 or float pixels. Received: key={key!r}, dtype={dtype}"
@@ -576,41 +704,51 @@ def _parse_npz(content: bytes, filename: str, max_images: int, max_side: int, ma
             + (" (convert with .astype(np.uint8) if the values are 0-255)" if dtype.kind in "iub" else "")
         )
     if len(shape) == 3:
-        channels = 1
-    elif len(shape) == 4 and shape[3] in (1, 3):
-        channels = shape[3]
-    else:
-        raise InvalidDataset(
-            f"Unsupported array shape. Expected (N, H, W) or (N, H, W, C) with C in {{1, 3}}. Received: key={key!r}, "
-            f"shape={tuple(shape)}"
-        )
-    _check_image_dims(shape[0], shape[1], shape[2], max_images, max_side, max_values, channels, filename)
-    expected_bytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if info.file_size > expected_bytes + 65536:
-        raise InvalidDataset(
-            f"The array file is larger than its header says. Expected about {expected_bytes} bytes. Received: "
-            f"{info.file_size} bytes declared for key {key!r}"
-        )
-    try:
-        with archive.open(info) as handle:
-            pixels = np.lib.format.read_array(handle, allow_pickle=False)
-    except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
-        raise InvalidDataset(f"Expected a readable array under key {key!r}. Received: {error}") from None
-    if pixels.ndim == 3:
-        pixels = pixels[..., np.newaxis]
-    if pixels.dtype == np.uint8:
-        return pixels.astype(np.float32) / np.float32(255.0)
-    images = pixels.astype(np.float32)
-    if not np.isfinite(images).all():
-        bad = int(np.size(images) - np.isfinite(images).sum())
+        return 1
+    if len(shape) == 4 and shape[3] in (1, 3):
+        return shape[3]
+    raise InvalidDataset(
+        f"Unsupported array shape. Expected (N, H, W) or (N, H, W, C) with C in {{1, 3}}. Received: key={key!r}, "
+        f"shape={shape}"
+    )
+
+
+def _read_npy_as_float32(
+    handle: IO[bytes], shape: tuple[int, ...], fortran_order: bool, dtype: np.dtype, key: str
+) -> np.ndarray:
+    """The array's values read in chunks straight into float32 (uint8 scaled by 1/255): the result is the only
+    large allocation, whatever the source dtype."""
+    images = np.empty(shape[::-1] if fortran_order else shape, np.float32)
+    flat = images.reshape(-1)
+    step = max(1, _NPY_READ_CHUNK_BYTES // dtype.itemsize)
+    for start in range(0, flat.size, step):
+        count = min(step, flat.size - start)
+        raw = handle.read(count * dtype.itemsize)
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidDataset(
+                f"The array under key {key!r} is truncated. Expected {flat.size * dtype.itemsize} bytes of data. "
+                f"Received: {start * dtype.itemsize + len(raw)}"
+            )
+        values = np.frombuffer(raw, dtype=dtype)
+        if dtype == np.uint8:
+            np.divide(values, np.float32(255.0), out=flat[start : start + count])
+        else:
+            flat[start : start + count] = values
+    # Fortran order: the file holds the transpose's rows (what numpy.lib.format.read_array does too).
+    return np.ascontiguousarray(images.T) if fortran_order else images
+
+
+def _check_unit_range(images: np.ndarray) -> None:
+    """InvalidDataset unless every value is finite and in [0, 1]."""
+    low, high = float(images.min()), float(images.max())  # NaN propagates through min/max: no mask needed
+    if not (math.isfinite(low) and math.isfinite(high)):
+        bad = int(images.size - np.count_nonzero(np.isfinite(images)))
         raise InvalidDataset(f"Pixels must be finite. Expected no NaN or infinity. Received: {bad} non-finite values")
-    low, high = float(images.min()), float(images.max())
     if low < 0.0 or high > 1.0:
         raise InvalidDataset(
             "Float pixels must lie in [0, 1] (uint8 arrays may use 0-255). Expected 0 <= x <= 1. "
             f"Received: min={low:g}, max={high:g}"
         )
-    return images
 
 
 _IGNORED_ZIP_ENTRIES = ("__MACOSX/", ".DS_Store", "Thumbs.db")
@@ -622,10 +760,29 @@ def _ignored(name: str) -> bool:
     return name.startswith("__MACOSX/") or base.startswith("._") or base in _IGNORED_ZIP_ENTRIES
 
 
-def _parse_png_zip(content: bytes, filename: str, max_images: int, max_side: int, max_values: int) -> np.ndarray:
-    from PIL import Image  # noqa: PLC0415 - only uploads need PIL
-
+def _parse_png_zip(content: bytes, filename: str, limits: UploadLimits) -> np.ndarray:
+    """The images of a zip of PNGs: entry count, declared sizes, every IHDR, then one allocation and the decoding."""
+    check_zip_entries(
+        content,
+        filename,
+        limits.max_images + ZIP_ENTRY_ALLOWANCE,
+        f"at most {limits.max_images:,} PNGs (DAE_MAX_DATASET_IMAGES) plus {ZIP_ENTRY_ALLOWANCE:,} other entries",
+    )
     archive = _open_zip(content, filename)
+    entries = _png_entries(archive, filename, limits.max_images)
+    _check_declared_png_sizes(entries, limits, filename)
+    headers = [_png_header(archive, info) for info in entries]
+    height, width, channels = _common_png_shape(entries, headers)
+    _check_image_dims(len(entries), height, width, channels, limits, filename)
+    images = np.empty((len(entries), height, width, channels), np.float32)
+    file_limit = _png_file_limit(limits)
+    for index, info in enumerate(entries):
+        _decode_png_into(images[index], archive, info, file_limit)
+    return images
+
+
+def _png_entries(archive: zipfile.ZipFile, filename: str, max_images: int) -> list[zipfile.ZipInfo]:
+    """The zip's PNG members sorted by name (skipped: folders and macOS/Windows metadata files)."""
     entries = sorted(
         (info for info in archive.infolist() if not info.is_dir() and not _ignored(info.filename)),
         key=lambda info: info.filename,
@@ -639,50 +796,71 @@ def _parse_png_zip(content: bytes, filename: str, max_images: int, max_side: int
         raise PayloadTooLarge(
             f"Too many images in {filename!r}. Expected at most {max_images}. Received: {len(entries)}"
         )
-    # Zip-bomb guard: a PNG is never much larger than its raw pixels (16-bit RGBA) plus chunk overhead;
-    # declared sizes are checked before anything is decompressed, and reads are capped at the declared size.
-    per_file_limit = max_side * max_side * 8 + 1024 * 1024
-    total_declared = sum(info.file_size for info in entries)
-    if total_declared > max_values * 8 + len(entries) * 1024 * 1024:
-        raise PayloadTooLarge(
-            f"The zip would expand to {total_declared} bytes. Expected at most {max_values * 8} bytes of PNGs. "
-            f"Received: filename={filename!r}"
-        )
-    decoded: list[np.ndarray] = []
-    first_size: tuple[int, int] | None = None
-    any_color = False
+    return entries
+
+
+def _png_file_limit(limits: UploadLimits) -> int:
+    """The most bytes a PNG of the largest allowed size can take (raw 16-bit RGBA pixels plus metadata chunks)."""
+    return limits.max_side * limits.max_side * _PNG_RAW_BYTES_PER_PIXEL + _PNG_FILE_EXTRA_BYTES
+
+
+def _check_declared_png_sizes(entries: list[zipfile.ZipInfo], limits: UploadLimits, filename: str) -> None:
+    """Zip-bomb guard: refuse members whose declared (uncompressed) sizes no honest PNG set within the limits has,
+    before any is inflated; zipfile never inflates a member past its declared size."""
+    per_file_limit = _png_file_limit(limits)
     for info in entries:
         if info.file_size > per_file_limit:
             raise PayloadTooLarge(
                 f"{info.filename!r} is too large. Expected a PNG of at most {per_file_limit} bytes. "
                 f"Received: {info.file_size} bytes"
             )
-        try:
-            with archive.open(info) as handle:
-                data = handle.read(per_file_limit + 1)
-            image = Image.open(io.BytesIO(data))
-            if image.format != "PNG":
-                raise InvalidDataset(f"Expected PNG images. Received: {info.filename!r} is {image.format}")
-            width, height = image.size
-            if first_size is None:
-                first_size = (height, width)
-                _check_image_dims(len(entries), height, width, max_images, max_side, max_values, 3, filename)
-            elif (height, width) != first_size:
-                raise InvalidDataset(
-                    f"All images must have the same size. Expected {first_size[0]}x{first_size[1]} (from "
-                    f"{entries[0].filename!r}). Received: {height}x{width} in {info.filename!r}"
-                )
-            decoded.append(_png_pixels(image))
-        except (InvalidDataset, PayloadTooLarge):
-            raise
-        except Exception as error:  # PIL raises many types for corrupt files (OSError, SyntaxError, ...)
+    total_declared = sum(info.file_size for info in entries)
+    total_limit = (
+        limits.max_bytes * _PNG_RAW_BYTES_PER_PIXEL // _FLOAT32_BYTES + len(entries) * _PNG_AVERAGE_EXTRA_BYTES
+    )
+    if total_declared > total_limit:
+        raise PayloadTooLarge(
+            f"The zip would expand to {total_declared:,} bytes. Expected at most {total_limit:,} bytes of PNGs "
+            f"(DAE_MAX_DATASET_MB). Received: filename={filename!r}"
+        )
+
+
+def _png_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[int, int, int]:
+    """(height, width, channels) from a PNG's IHDR: Image.open is lazy and inflates only the chunks before the pixels."""
+    from PIL import Image  # noqa: PLC0415 - only uploads need PIL
+
+    with (
+        _member_errors("a decodable PNG", repr(info.filename)),
+        archive.open(info) as handle,
+        Image.open(handle) as image,
+    ):
+        if image.format != "PNG":
+            raise InvalidDataset(f"Expected PNG images. Received: {info.filename!r} is {image.format}")
+        width, height = image.size
+        return height, width, 1 if image.mode in _GRAY_MODES else 3
+
+
+def _common_png_shape(entries: list[zipfile.ZipInfo], headers: list[tuple[int, int, int]]) -> tuple[int, int, int]:
+    """(H, W, C) shared by every PNG: C is 3 when any image is in colour (the gray ones are replicated)."""
+    height, width, _ = headers[0]
+    for info, (other_height, other_width, _) in zip(entries, headers, strict=True):
+        if (other_height, other_width) != (height, width):
             raise InvalidDataset(
-                f"Expected a decodable PNG. Received: {info.filename!r} ({type(error).__name__}: {error})"
-            ) from None
-        any_color = any_color or decoded[-1].shape[-1] == 3
-    if any_color:
-        decoded = [pixels if pixels.shape[-1] == 3 else np.repeat(pixels, 3, axis=-1) for pixels in decoded]
-    return np.stack(decoded).astype(np.float32, copy=False)
+                f"All images must have the same size. Expected {height}x{width} (from {entries[0].filename!r}). "
+                f"Received: {other_height}x{other_width} in {info.filename!r}"
+            )
+    return height, width, max(channels for _, _, channels in headers)
+
+
+def _decode_png_into(target: np.ndarray, archive: zipfile.ZipFile, info: zipfile.ZipInfo, file_limit: int) -> None:
+    """Decode one PNG member into its (H, W, C) slot of the result (a gray image broadcasts to RGB)."""
+    from PIL import Image  # noqa: PLC0415 - only uploads need PIL
+
+    with _member_errors("a decodable PNG", repr(info.filename)):
+        with archive.open(info) as handle:
+            data = handle.read(file_limit + 1)
+        with Image.open(io.BytesIO(data)) as image:
+            target[...] = _png_pixels(image)
 
 
 def _png_pixels(image) -> np.ndarray:

@@ -3,7 +3,7 @@
 Layout under the store root (a local directory; every process and host that shares it sees the same models):
 
     models/<model id>/{model.keras, model.onnx, card.json, history.png, samples.png}
-    datasets/<dataset id>.npz  +  datasets/<dataset id>.json (its DatasetInfo)
+    datasets/<dataset id>.npz (compressed)  +  datasets/<dataset id>.json (its DatasetInfo)
     checkpoints/<job id>/<attempt>/  (owned by training: one directory per attempt, so a stale attempt never
                                overwrites a newer one's; the next attempt resumes from the furthest of them)
     cache/                     (downloaded online datasets, e.g. cache/mnist.npz)
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dae.errors import Conflict, DatasetNotFound, ModelNotFound
+from dae.errors import Conflict, DatasetNotFound, ModelNotFound, PayloadTooLarge
 from dae.spec import NAME_PATTERN, DatasetInfo, ModelCard
 
 logger = logging.getLogger(__name__)
@@ -406,32 +406,44 @@ class ModelStore:
             )
         return dataset_id
 
-    def save_dataset(self, images: np.ndarray, *, filename: str | None = None, description: str = "") -> DatasetInfo:
-        """Store validated images (float32 NHWC in [0, 1]) as datasets/<id>.npz plus its metadata <id>.json.
+    def datasets_bytes(self) -> int:
+        """Bytes the uploaded datasets take on disk (their .npz and .json files): what a store cap counts."""
+        try:
+            entries = list(os.scandir(self.datasets_dir))
+        except FileNotFoundError:
+            return 0
+        total = 0
+        for entry in entries:
+            stem, _, extension = entry.name.partition(".")
+            if extension in ("npz", "json") and is_dataset_id(stem):
+                with contextlib.suppress(FileNotFoundError):  # deleted while counting
+                    total += entry.stat(follow_symlinks=False).st_size
+        return total
 
-        Images that are exactly k/255 are stored as uint8 (4x smaller, lossless); others as float32.
+    def save_dataset(
+        self,
+        images: np.ndarray,
+        *,
+        filename: str | None = None,
+        description: str = "",
+        max_total_bytes: int | None = None,
+    ) -> DatasetInfo:
+        """Store validated images (float32 NHWC in [0, 1]) as datasets/<id>.npz (compressed) plus its <id>.json.
+
+        Images that are exactly k/255 are stored as uint8 (4x smaller, lossless); others as float32. With
+        `max_total_bytes`, an upload that would take the datasets past it is refused (PayloadTooLarge) and leaves
+        nothing behind.
         """
         if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[0] < 1:
             raise ValueError(
                 f"Expected a non-empty (N, H, W, C) array. Received: shape={getattr(images, 'shape', None)}"
             )
-        images = np.asarray(images, dtype=np.float32)
-        as_uint8 = np.round(images * 255.0).clip(0, 255).astype(np.uint8)
-        stored = as_uint8 if np.array_equal(as_uint8.astype(np.float32) / np.float32(255.0), images) else images
+        used = 0
+        if max_total_bytes is not None:
+            used = self.datasets_bytes()
+            _check_datasets_room(used, 1, max_total_bytes, "an upload while the store is full")  # before compressing
+        stored = _stored_pixels(np.ascontiguousarray(images, dtype=np.float32))
         dataset_id = new_dataset_id()
-        self._ensure(self.datasets_dir)
-        npz_path = self.datasets_dir / f"{dataset_id}.npz"
-        descriptor, temp_name = tempfile.mkstemp(prefix=f".{dataset_id}.", suffix=".npz.tmp", dir=self.datasets_dir)
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                np.savez(handle, x=stored)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temp_name, npz_path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp_name)
-            raise
         info = DatasetInfo(
             id=dataset_id,
             builtin=False,
@@ -443,8 +455,27 @@ class ModelStore:
             filename=filename,
             fingerprint=fingerprint_pixels(stored),
         )
+        metadata = info.model_dump_json(indent=2)
+        self._ensure(self.datasets_dir)
+        descriptor, temp_name = tempfile.mkstemp(prefix=f".{dataset_id}.", suffix=".npz.tmp", dir=self.datasets_dir)
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                np.savez_compressed(handle, x=stored)
+                handle.flush()
+                if max_total_bytes is not None:
+                    # The compressed size is known only now; the temp file goes if it does not fit.
+                    needed = handle.tell() + len(metadata.encode())
+                    _check_datasets_room(
+                        used, needed, max_total_bytes, f"{needed:,} bytes (compressed pixels and metadata)"
+                    )
+                os.fsync(handle.fileno())
+            os.replace(temp_name, self.datasets_dir / f"{dataset_id}.npz")
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp_name)
+            raise
         # The metadata file is written last: its presence is what makes the dataset exist.
-        atomic_write_text(self.datasets_dir / f"{dataset_id}.json", info.model_dump_json(indent=2))
+        atomic_write_text(self.datasets_dir / f"{dataset_id}.json", metadata)
         logger.info("saved dataset %s (%d images of %s)", dataset_id, info.count, info.shape)
         return info
 
@@ -458,7 +489,8 @@ class ModelStore:
         return DatasetInfo.model_validate_json(text)
 
     def load_dataset_images(self, dataset_id: str) -> np.ndarray:
-        """All images of an uploaded dataset as float32 (N, H, W, C) in [0, 1]."""
+        """All images of an uploaded dataset as float32 (N, H, W, C) in [0, 1]; compressed and (older) uncompressed
+        files alike, never unpickling anything."""
         self.dataset_info(dataset_id)
         try:
             with np.load(self.datasets_dir / f"{dataset_id}.npz", allow_pickle=False) as archive:
@@ -468,7 +500,7 @@ class ModelStore:
                 f"Dataset {dataset_id} has no pixel file. Received: dataset_id={dataset_id!r}"
             ) from None
         if stored.dtype == np.uint8:
-            return stored.astype(np.float32) / np.float32(255.0)
+            return np.divide(stored, np.float32(255.0), dtype=np.float32)  # one float32 allocation, no temporary
         return stored.astype(np.float32, copy=False)
 
     def list_datasets(self) -> list[DatasetInfo]:
@@ -498,6 +530,35 @@ class ModelStore:
         with contextlib.suppress(FileNotFoundError):
             (self.datasets_dir / f"{dataset_id}.npz").unlink()
         logger.info("deleted dataset %s", dataset_id)
+
+
+#: Values per step when checking whether float pixels are exactly k/255 (bounds the temporaries to a few MiB).
+_UINT8_CHECK_CHUNK = 1 << 20
+
+
+def _stored_pixels(images: np.ndarray) -> np.ndarray:
+    """uint8 when every float32 value is exactly k/255 (4x smaller, lossless), else the images themselves."""
+    as_uint8 = np.empty(images.shape, np.uint8)
+    flat_images, flat_uint8 = images.reshape(-1), as_uint8.reshape(-1)
+    for start in range(0, flat_images.size, _UINT8_CHECK_CHUNK):
+        chunk = flat_images[start : start + _UINT8_CHECK_CHUNK]
+        levels = np.rint(chunk * np.float32(255.0)).clip(0, 255)
+        if not np.array_equal(levels / np.float32(255.0), chunk):
+            return images
+        flat_uint8[start : start + _UINT8_CHECK_CHUNK] = levels
+    return as_uint8
+
+
+def _check_datasets_room(used: int, needed: int, max_total_bytes: int, received: str) -> None:
+    """PayloadTooLarge when `needed` more bytes would take the stored datasets past `max_total_bytes`."""
+    if used + needed <= max_total_bytes:
+        return
+    raise PayloadTooLarge(
+        f"The dataset store has no room for this upload: uploaded datasets take {used:,} of the {max_total_bytes:,} "
+        f"bytes allowed ({used / 2**30:.2f} of {max_total_bytes / 2**30:.2f} GiB, DAE_MAX_STORE_DATASETS_GB). "
+        f"Expected an upload that stores in at most {max(0, max_total_bytes - used):,} bytes; delete datasets to "
+        f"make room. Received: {received}"
+    )
 
 
 def _aware(moment: datetime) -> datetime:

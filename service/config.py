@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(64.0, gt=0, le=4096, description="Largest request body (uploads included), MiB.")
     max_batch_images: int = Field(1024, ge=1, le=65536, description="Most images in one /reconstruct request.")
     max_image_side: int = Field(2048, ge=8, le=16384, description="Longest accepted image side, pixels.")
+    # 64 M float32 values = 256 MiB of decoded input: a few full-size 2048² images or a batch of 1024 256² ones;
+    # the body limit already lets ~48 M uint8 values in as a raw array, and PNGs compress far below that.
+    max_request_pixels: int = Field(
+        64 * 1024 * 1024, ge=1,
+        description="Most pixel values (height × width × channels, alpha not counted, over all images and clean "
+        "references) one /reconstruct request may decode; checked from the image headers before decoding (413).",
+    )
     max_epochs: int = Field(200, ge=1, le=1000, description="Most epochs a submitted job may ask for.")
     max_dataset_images: int = Field(100_000, ge=1, description="Most images in an uploaded dataset.")
     max_model_params: int = Field(
@@ -55,6 +62,12 @@ class Settings(BaseSettings):
         description="Most training memory a submitted job may need (weights, optimizer state, gradients, one batch's "
         "activations, training images; estimated), MiB.",
     )
+    max_dataset_mb: float = Field(
+        256.0, gt=0, description="Largest decoded upload (its images as float32, what training loads), MiB."
+    )
+    max_store_datasets_gb: float = Field(
+        10.0, gt=0, description="Most disk all uploaded datasets may take together (compressed files), GiB."
+    )
 
     # Inference (service/inference.py).
     inference_cache_size: int = Field(16, ge=1, le=1024, description="Most onnxruntime sessions kept loaded.")
@@ -64,11 +77,26 @@ class Settings(BaseSettings):
     inference_batch_max_size: int = Field(
         64, ge=1, le=65536, description="A micro-batch closes when it holds this many images."
     )
+    # 1 M values (4 MiB of float32 input: 4 images of 512², 1,337 of 28²) bounds one run's activations; larger
+    # requests run in pieces of this size (see bench/README.md, 2026-12-02, for the memory and speed measured).
+    inference_batch_max_values: int = Field(
+        1024 * 1024, ge=1,
+        description="A micro-batch also closes when it holds this many pixel values (H × W × channels, padded); a "
+        "larger request runs in pieces of at most this size and DAE_INFERENCE_BATCH_MAX_SIZE images.",
+    )
     inference_batch_timeout_ms: float = Field(
         1.0, ge=0, le=1000, description="A micro-batch closes this long after its first request arrived."
     )
-    inference_queue_bound: int = Field(
-        4096, ge=1, description="Most images waiting or running per gateway process; above it /reconstruct answers 503."
+    # Values, not images: 4096 images were 3 M values at 28² but 16 G at 2048². The default admits one request at
+    # DAE_MAX_REQUEST_PIXELS (256 MiB of float32 waiting at most).
+    inference_queue_max_values: int = Field(
+        64 * 1024 * 1024, ge=1,
+        description="Most pixel values (H × W × channels, padded) waiting or running per gateway process; above it "
+        "/reconstruct answers 503 with Retry-After (413 for one request larger than this).",
+    )
+    inference_queue_bound: int | None = Field(
+        None, description="Removed (it counted images): set DAE_INFERENCE_QUEUE_MAX_VALUES; set, the gateway refuses "
+        "to start.",
     )
     inference_intra_op_threads: int = Field(
         default_factory=_default_intra_op_threads, ge=1, le=256, description="onnxruntime threads per run."
@@ -99,6 +127,17 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("inference_queue_bound")
+    @classmethod
+    def _refuse_removed_queue_bound(cls, value: int | None) -> None:
+        """An operator's old image-count bound must not be ignored silently: it would no longer bound anything."""
+        if value is not None:
+            raise ValueError(
+                "DAE_INFERENCE_QUEUE_BOUND counted images and was removed. Expected DAE_INFERENCE_QUEUE_MAX_VALUES "
+                f"(pixel values: images × H × W × channels). Received: DAE_INFERENCE_QUEUE_BOUND={value}"
+            )
+        return None
 
     @property
     def max_upload_bytes(self) -> int:

@@ -1,7 +1,9 @@
 """Prometheus metrics of the gateway, in a registry per app (so several apps in one process don't collide).
 
 - `dae_http_requests_total{method, route, status}` and `dae_http_request_duration_seconds{method, route}`:
-  labelled by the route template (`/jobs/{job_id}`), never by the raw path, so ids don't explode cardinality.
+  labelled by the route template (`/jobs/{job_id}`), never by the raw path, so ids don't explode cardinality;
+  paths no route matches and methods outside GET/POST/PUT/PATCH/DELETE/HEAD/OPTIONS are `other`, so no client input
+  becomes a label value.
 - `dae_reconstruct_batch_size` (images per onnxruntime run) and `dae_reconstruct_batch_seconds`.
 - `dae_jobs{state}`: read from Redis (JobStore.counts_by_state) when /metrics is scraped.
 - `dae_inference_sessions`, `dae_inference_session_bytes`, `dae_inference_queued_images`: read at scrape time.
@@ -20,6 +22,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
+
+#: Methods that get their own label value; any other (clients may invent them) is counted as OTHER.
+KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+#: The label value of methods outside KNOWN_METHODS, of paths no route matched and of impossible statuses.
+OTHER = "other"
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
@@ -80,12 +87,16 @@ class GatewayMetrics:
         self.registry.register(self.scrape_time)
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        """Count one answered request."""
+        """Count one answered request; a method outside HTTP's standard ones is counted as `other`."""
+        # Clients choose the method: unbounded label values would grow /metrics (and this cache) without limit.
+        if method not in KNOWN_METHODS:
+            method = OTHER
         # The labelled children, looked up once per label set: labels() costs a few µs per call on the hot path.
         key = (method, route, status)
         children = self._request_children.get(key)
         if children is None:
-            children = (self.requests.labels(method, route, str(status)), self.latency.labels(method, route))
+            status_label = str(status) if 100 <= status <= 599 else OTHER
+            children = (self.requests.labels(method, route, status_label), self.latency.labels(method, route))
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)

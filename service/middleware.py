@@ -14,7 +14,7 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.metrics import GatewayMetrics
+from service.metrics import OTHER, GatewayMetrics
 
 #: Paths that never need an API key: probes, metrics and the documentation.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
@@ -47,7 +47,7 @@ async def send_json(send: Send, status: int, body: dict, headers: list[tuple[byt
 
 
 class MetricsMiddleware:
-    """Counts requests and times them, labelled by the matched route template (`unmatched` otherwise)."""
+    """Counts requests and times them, labelled by the matched route template (`other` when none matched)."""
 
     def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
         self.app = app
@@ -70,7 +70,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_with_status)
         finally:
             route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = getattr(route, "path", None) or OTHER  # never the raw path: clients choose it
             self.metrics.observe_request(scope["method"], template, status, time.perf_counter() - started)
 
 

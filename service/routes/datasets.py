@@ -46,14 +46,20 @@ def create_dataset(
     store: ModelStoreDep,
 ) -> DatasetInfo:
     """Validate and store an uploaded dataset; answers 201 with its id, image count and shape."""
+    # A plain def: FastAPI runs it in the threadpool, so reading, decoding and compressing stay off the event loop.
+    # The body is already bounded by DAE_MAX_UPLOAD_MB (BodySizeLimitMiddleware).
     content = file.file.read()
     images = parse_uploaded_dataset(
         file.filename or "",
         content,
         max_images=settings.max_dataset_images,
         max_side=settings.max_image_side,
+        max_bytes=int(settings.max_dataset_mb * 2**20),
     )
-    info = store.save_dataset(images, filename=file.filename)
+    del content  # up to DAE_MAX_UPLOAD_MB freed before the store compresses the pixels
+    info = store.save_dataset(
+        images, filename=file.filename, max_total_bytes=int(settings.max_store_datasets_gb * 2**30)
+    )
     response.headers["Location"] = f"/datasets/{info.id}"
     return info
 

@@ -7,14 +7,15 @@ import os
 import socket
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
+import zipfile
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dae import store as store_module
-from dae.errors import Conflict, DatasetNotFound, ModelNotFound
+from dae.errors import Conflict, DatasetNotFound, ModelNotFound, PayloadTooLarge
 from dae.spec import ModelCard, TrainingSpec
 from dae.store import ModelStore, atomic_write_bytes, fingerprint_pixels, new_model_id
 
@@ -287,3 +288,80 @@ def test_a_second_publish_of_the_same_model_id_is_refused_and_leaves_no_version(
     with pytest.raises(Conflict):
         store.publish_model(store.staging_dir(), duplicate)
     assert store.list_models(name=card.name)[1] == 1
+
+
+def test_datasets_are_stored_compressed_and_uncompressed_files_of_older_versions_still_load(store_dir: Path) -> None:
+    store = ModelStore(store_dir)
+    smooth = np.tile(np.linspace(0, 1, 32, dtype=np.float32) ** 2, (64, 32, 1))[..., np.newaxis]  # not k/255
+    info = store.save_dataset(smooth)
+    path = store.datasets_dir / f"{info.id}.npz"
+    with zipfile.ZipFile(path) as archive:
+        assert [member.compress_type for member in archive.infolist()] == [zipfile.ZIP_DEFLATED]
+    assert path.stat().st_size < smooth.nbytes / 4
+    np.testing.assert_array_equal(store.load_dataset_images(info.id), smooth)
+
+    pixels = np.arange(64 * 4 * 4, dtype=np.uint8).reshape(64, 4, 4, 1)
+    older = store.save_dataset(pixels.astype(np.float32) / np.float32(255.0))
+    np.savez(store.datasets_dir / f"{older.id}.npz", x=pixels)  # what save_dataset wrote before: no compression
+    loaded = store.load_dataset_images(older.id)
+    assert loaded.dtype == np.float32
+    np.testing.assert_array_equal(loaded, pixels.astype(np.float32) / np.float32(255.0))
+
+
+def test_the_uint8_check_looks_at_every_chunk(store_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_module, "_UINT8_CHECK_CHUNK", 7)  # several chunks for 2 x 4 x 4 values
+    store = ModelStore(store_dir)
+    levels = np.arange(32, dtype=np.float32).reshape(2, 4, 4, 1) / np.float32(255.0)
+    exact = store.save_dataset(levels)
+    off_grid = levels.copy()
+    off_grid[1, 3, 3, 0] += np.float32(1e-3)  # in the last chunk
+    inexact = store.save_dataset(off_grid)
+    for info, dtype in ((exact, np.uint8), (inexact, np.float32)):
+        with np.load(store.datasets_dir / f"{info.id}.npz", allow_pickle=False) as archive:
+            assert archive["x"].dtype == dtype
+    np.testing.assert_array_equal(store.load_dataset_images(exact.id), levels)
+    np.testing.assert_array_equal(store.load_dataset_images(inexact.id), off_grid)
+
+
+class _FrozenDatetime(datetime):
+    """datetime whose now() is fixed, so the metadata file of every save has the same length."""
+
+    @classmethod
+    def now(cls, tz: tzinfo | None = None) -> datetime:
+        return datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=tz)
+
+
+def test_the_store_cap_boundary_and_a_refused_upload_leaves_nothing(
+    store_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "datetime", _FrozenDatetime)
+    store = ModelStore(store_dir)
+    images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1)).astype(np.float32) / np.float32(255.0)
+    store.save_dataset(images, filename="first.npz")
+    used = store.datasets_bytes()
+    probe = store.save_dataset(images, filename="first.npz", max_total_bytes=10 * used)
+    needed = store.datasets_bytes() - used
+    store.delete_dataset(probe.id)
+    assert store.datasets_bytes() == used and needed > 0
+
+    fits = store.save_dataset(images, filename="first.npz", max_total_bytes=used + needed)  # exactly full
+    assert store.datasets_bytes() == used + needed
+    store.delete_dataset(fits.id)
+    before = sorted(os.listdir(store.datasets_dir))
+    with pytest.raises(PayloadTooLarge, match=rf"take {used:,} of the {used + needed - 1:,} bytes allowed") as refused:
+        store.save_dataset(images, filename="first.npz", max_total_bytes=used + needed - 1)
+    assert f"Received: {needed:,} bytes" in str(refused.value) and "DAE_MAX_STORE_DATASETS_GB" in str(refused.value)
+    with pytest.raises(PayloadTooLarge, match="Received: an upload while the store is full"):
+        store.save_dataset(images, max_total_bytes=used)
+    assert sorted(os.listdir(store.datasets_dir)) == before
+
+
+def test_datasets_bytes_counts_the_dataset_files_only(store_dir: Path) -> None:
+    store = ModelStore(store_dir)
+    assert store.datasets_bytes() == 0
+    info = store.save_dataset(np.zeros((2, 4, 4, 1), np.float32))
+    files = [store.datasets_dir / f"{info.id}.{extension}" for extension in ("npz", "json")]
+    (store.datasets_dir / f".{info.id}.abc.npz.tmp").write_bytes(b"x" * 1000)  # a write cut short
+    (store.cache_dir).mkdir()
+    (store.cache_dir / "mnist.npz").write_bytes(b"x" * 1000)
+    assert store.datasets_bytes() == sum(path.stat().st_size for path in files)

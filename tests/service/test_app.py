@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +13,11 @@ import numpy as np
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from prometheus_client import generate_latest
 
 from service.config import Settings
 from service.main import create_app
+from service.metrics import GatewayMetrics
 from service.openapi import openapi_yaml
 from tests.service.conftest import png_base64
 
@@ -86,7 +90,45 @@ def test_metrics_count_requests_by_route_template_and_jobs_by_state(client, dens
     assert len(queued) == 1 and float(queued[0].split()[-1]) >= 1
     assert "dae_inference_sessions 1.0" in text
     client.get("/no/such/path")
-    assert 'route="unmatched"' in client.get("/metrics").text
+    assert 'dae_http_requests_total{method="GET",route="other",status="404"} 1.0' in client.get("/metrics").text
+
+
+def _series(metrics_text: str) -> set[str]:
+    """The metric names with their label sets (values dropped) in a /metrics body."""
+    return {line.rsplit(" ", 1)[0] for line in metrics_text.splitlines() if line and not line.startswith("#")}
+
+
+def test_metrics_labels_stay_bounded_whatever_methods_and_paths_clients_send(client):
+    rng = random.Random(0)
+
+    def invented_requests(count: int) -> None:
+        for _ in range(count):
+            method = "".join(rng.choices(string.ascii_uppercase, k=rng.randint(3, 12)))
+            path = "/" + "/".join(f"{rng.getrandbits(32):08x}" for _ in range(rng.randint(1, 3)))
+            client.request(method, path)  # invented method, unmatched path
+            client.request(method, "/jobs")  # invented method on a real route: 405
+            client.get(path)  # a known method on an unmatched path: 404
+
+    client.get("/metrics")
+    invented_requests(20)
+    first = client.get("/metrics").text
+    invented_requests(300)  # 900 more requests; the issue's 2,000 grew /metrics to 3.6 MB
+    after = client.get("/metrics").text
+    assert 'dae_http_requests_total{method="other",route="other",status="404"} 320.0' in after
+    assert 'dae_http_requests_total{method="other",route="/jobs",status="405"} 320.0' in after
+    assert 'dae_http_requests_total{method="GET",route="other",status="404"} 320.0' in after
+    assert _series(after) == _series(first)
+    assert len(after) < len(first) + 1024, (len(first), len(after))
+    print(f"/metrics: {len(first):,} bytes after 60 invented requests, {len(after):,} after 960")
+
+
+def test_statuses_outside_http_are_counted_as_other():
+    metrics = GatewayMetrics()
+    metrics.observe_request("GET", "/healthz", 999, 0.001)
+    metrics.observe_request("BREW", "/healthz", 200, 0.001)
+    text = generate_latest(metrics.registry).decode()
+    assert 'dae_http_requests_total{method="GET",route="/healthz",status="other"} 1.0' in text
+    assert 'dae_http_requests_total{method="other",route="/healthz",status="200"} 1.0' in text
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import time
 import zipfile
 
 import numpy as np
@@ -12,6 +14,7 @@ from fastapi.testclient import TestClient
 from dae.store import ModelStore
 from service.config import Settings
 from service.main import create_app
+from tests.dae.test_data import empty_members_zip, npz_bomb
 from tests.service.conftest import png_base64, png_bytes, publish_tiny_model
 
 # ---------------------------------------------------------------------------------------------
@@ -158,3 +161,104 @@ def test_builtin_datasets_cannot_be_deleted_and_odd_ids_are_404(client):
     for dataset_id in ("ds_000000000000", "nope", "..%2Fmodels", "ds_..%2F..%2Fx"):
         assert client.get(f"/datasets/{dataset_id}").status_code == 404, dataset_id
     assert client.get(f"/datasets/{'x' * 65}").status_code == 422
+
+
+# ---------------------------------------------------------------------------------------------
+# Upload caps: decoded size (DAE_MAX_DATASET_MB), store size (DAE_MAX_STORE_DATASETS_GB), bombs
+# ---------------------------------------------------------------------------------------------
+
+
+def upload(client: TestClient, filename: str, content: bytes):
+    return client.post("/datasets", files={"file": (filename, content, "application/octet-stream")})
+
+
+def stored_files(store: ModelStore) -> list[str]:
+    return sorted(os.listdir(store.datasets_dir)) if store.datasets_dir.exists() else []
+
+
+def timed_upload(client: TestClient, filename: str, content: bytes) -> tuple[object, float]:
+    started = time.perf_counter()
+    response = upload(client, filename, content)
+    return response, time.perf_counter() - started
+
+
+def test_the_decoded_size_limit_boundary(settings, store):
+    # 16 images of 32x32x1 as float32 take 65,536 bytes: exactly DAE_MAX_DATASET_MB=0.0625.
+    limited = Settings(**{**settings.model_dump(), "max_dataset_mb": 65_536 / 2**20})
+    with TestClient(create_app(limited)) as client:
+        assert upload(client, "at.npz", npz_bytes(np.zeros((16, 32, 32), np.uint8))).status_code == 201
+        before = stored_files(store)
+        response = upload(client, "over.npz", npz_bytes(np.zeros((17, 32, 32), np.uint8)))
+        assert response.status_code == 413, response.text
+        detail = response.json()["detail"]
+        assert "17 images of 32x32x1 as float32 take 69,632 bytes" in detail
+        assert "Expected at most 65,536 bytes (0.1 MiB, DAE_MAX_DATASET_MB)" in detail
+        assert stored_files(store) == before
+
+
+def test_an_npz_bomb_is_413_quickly_and_writes_nothing(settings, store):
+    limited = Settings(**{**settings.model_dump(), "max_dataset_mb": 64.0})
+    with TestClient(create_app(limited)) as client:
+        assert upload(client, "small.npz", npz_bytes(np.zeros((4, 8, 8), np.uint8))).status_code == 201
+        before = stored_files(store)
+        bomb = npz_bomb()  # 255 KiB that decode to 256 MiB
+        response, elapsed = timed_upload(client, "bomb.npz", bomb)
+        print(f"npz bomb ({len(bomb):,} bytes -> 256 MiB) over HTTP: {response.status_code} in {elapsed * 1000:.0f} ms")
+        assert response.status_code == 413 and "DAE_MAX_DATASET_MB" in response.json()["detail"]
+        assert elapsed < 1.0 and stored_files(store) == before
+
+
+def test_a_zip_of_200k_empty_members_is_413_quickly_and_writes_nothing(client, store):
+    assert upload(client, "small.npz", npz_bytes(np.zeros((4, 8, 8), np.uint8))).status_code == 201
+    before = stored_files(store)
+    bomb = empty_members_zip(200_000)  # 18 MiB; zipfile alone takes ~2 s and ~117 MiB to list it
+    response, elapsed = timed_upload(client, "bomb.zip", bomb)
+    print(f"zip of 200k members ({len(bomb):,} bytes) over HTTP: {response.status_code} in {elapsed * 1000:.0f} ms")
+    assert response.status_code == 413, response.text
+    assert "Received: 200,000 entries" in response.json()["detail"]
+    assert elapsed < 2.0 and stored_files(store) == before  # most of it is sending and parsing the 18 MiB body
+
+
+def test_a_zip_of_large_black_pngs_is_413_from_the_headers(client, store):
+    black = png_bytes(np.zeros((2048, 2048)))  # a few KiB each, 16 MiB once decoded
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for index in range(64):
+            zipped.writestr(f"{index:03d}.png", black)
+    response, elapsed = timed_upload(client, "black.zip", archive.getvalue())
+    print(
+        f"zip of 64 black 2048x2048 PNGs ({len(archive.getvalue()):,} bytes): {response.status_code} in {elapsed * 1000:.0f} ms"
+    )
+    assert response.status_code == 413 and "1,073,741,824 bytes" in response.json()["detail"]
+    assert elapsed < 1.0 and stored_files(store) == []
+
+
+def test_the_store_size_limit_refuses_with_the_usage_and_writes_nothing(settings, store):
+    images = np.random.default_rng(0).integers(0, 256, (32, 16, 16), dtype=np.uint8)  # incompressible
+    with TestClient(create_app(settings)) as client:
+        assert upload(client, "first.npz", npz_bytes(images)).status_code == 201
+    used = store.datasets_bytes()
+    assert 0 < used < images.nbytes + 4096  # stored compressed: no bigger than the raw bytes plus metadata
+    # Room for half of another copy: the same upload cannot fit.
+    capped = Settings(**{**settings.model_dump(), "max_store_datasets_gb": (used + used // 2) / 2**30})
+    with TestClient(create_app(capped)) as client:
+        before = stored_files(store)
+        response = upload(client, "second.npz", npz_bytes(images))
+        assert response.status_code == 413, response.text
+        detail = response.json()["detail"]
+        assert f"uploaded datasets take {used:,} of the {used + used // 2:,} bytes allowed" in detail
+        assert "DAE_MAX_STORE_DATASETS_GB" in detail and "delete datasets" in detail
+        assert stored_files(store) == before
+        small = npz_bytes(np.zeros((2, 4, 4), np.uint8))  # still fits
+        assert upload(client, "small.npz", small).status_code == 201
+
+
+def test_uploads_are_stored_compressed(client, store):
+    images = np.zeros((256, 32, 32), np.uint8)
+    images[:, 8:24, 8:24] = 200
+    response = upload(client, "squares.npz", npz_bytes(images))
+    assert response.status_code == 201, response.text
+    stored = store.datasets_dir / f"{response.json()['id']}.npz"
+    assert stored.stat().st_size < images.nbytes / 20
+    with zipfile.ZipFile(stored) as archive:
+        assert archive.infolist()[0].compress_type == zipfile.ZIP_DEFLATED
