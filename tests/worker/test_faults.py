@@ -201,30 +201,30 @@ def test_a_job_that_kills_its_pool_child_fails_after_max_attempts(cluster: Clust
 
 def test_sigterm_hands_the_job_to_an_idle_worker(cluster: Cluster) -> None:
     """Acceptance 4: SIGTERM to the worker running a job; a second, idle worker resumes it within 30 s."""
-    first = cluster.worker("first").wait_until_warm()
-    record = cluster.submit(epochs=40, **SLOW_EPOCHS)
+    workers = [cluster.worker("one").wait_until_warm(), cluster.worker("two").wait_until_warm()]
+    record = cluster.submit(epochs=500, **SLOW_EPOCHS)  # far longer than the test: it is cancelled at the end
     wait_until(lambda: (cluster.get(record.id).progress or 0) and cluster.get(record.id).progress.epoch >= 1,
-               JOB_TIMEOUT_S, "epoch 1 to finish", first, interval_s=0.05)
-    second = cluster.worker("second").wait_until_warm()
-    assert cluster.holder_pid(record.id)[1] in first.child_pids()
-    first.process.send_signal(signal.SIGTERM)
+               JOB_TIMEOUT_S, "epoch 1 to finish", workers[0], interval_s=0.05)
+    running = next(worker for worker in workers if owner_of(worker, cluster.holder_pid(record.id)[1]))
+    idle = workers[1 - workers.index(running)]
+    running.process.send_signal(signal.SIGTERM)
     stopped_at = time.monotonic()
-    wait_until(lambda: (holder := cluster.holder_pid(record.id)) is not None and owner_of(second, holder[1]), 30,
-               "the second worker to resume the job", second)
+    wait_until(lambda: (holder := cluster.holder_pid(record.id)) is not None and owner_of(idle, holder[1]), 30,
+               "the idle worker to resume the job", idle)
     handed_off_s = time.monotonic() - stopped_at
     assert handed_off_s < 30
     print(f"SIGTERM: the second worker trains the job {handed_off_s:.1f} s later")  # noqa: T201 - README figure
-    first.process.wait(timeout=30)  # the first worker finished its warm shutdown
-    assert first.process.returncode == 0, first.log_tail()
+    running.process.wait(timeout=30)  # the stopped worker finished its warm shutdown
+    assert running.process.returncode == 0, running.log_tail()
     resumed = cluster.get(record.id)
     assert resumed.attempts == 2 and resumed.lost_attempts == 0 and resumed.state == JobState.running
-    assert "handed off after epoch" in first.log_text()
+    assert "handed off after epoch" in running.log_text()
     cluster.jobs.request_cancel(record.id)
-    final = cluster.wait_finished(record.id, second)
+    final = cluster.wait_finished(record.id, idle)
     assert final.state == JobState.cancelled and final.resumed_from_epoch >= 1
     assert cluster.states(record.id) == ["queued", "running", "retrying", "running", "cancelling", "cancelled"]
     wait_until(lambda: not (cluster.store.checkpoints_dir / record.id).exists(), 10,
-               "a cancelled job's checkpoints to go", second)
+               "a cancelled job's checkpoints to go", idle)
 
 
 def test_a_job_whose_message_was_lost_is_queued_again(cluster: Cluster) -> None:
@@ -242,23 +242,24 @@ def test_a_job_whose_message_was_lost_is_queued_again(cluster: Cluster) -> None:
 def test_a_stalled_attempt_whose_lease_was_taken_publishes_nothing(cluster: Cluster) -> None:
     """Acceptance 6: attempt 1 is frozen (SIGSTOP) past its lease, attempt 2 takes over on another worker, then
     attempt 1 wakes up while attempt 2 runs. One model, one final state."""
-    first = cluster.worker("first").wait_until_warm()
-    record = cluster.submit(epochs=8, **SLOW_EPOCHS)
+    workers = [cluster.worker("one").wait_until_warm(), cluster.worker("two").wait_until_warm()]
+    record = cluster.submit(epochs=10, **SLOW_EPOCHS)
     wait_until(lambda: (cluster.get(record.id).progress or 0) and cluster.get(record.id).progress.epoch >= 1,
-               JOB_TIMEOUT_S, "epoch 1 to finish", first, interval_s=0.05)
-    second = cluster.worker("second")
+               JOB_TIMEOUT_S, "epoch 1 to finish", workers[0], interval_s=0.05)
     _attempt, stalled_pid = cluster.holder_pid(record.id)
+    stalled = next(worker for worker in workers if owner_of(worker, stalled_pid))
+    other = workers[1 - workers.index(stalled)]
     os.kill(stalled_pid, signal.SIGSTOP)
     try:
         wait_until(lambda: (holder := cluster.holder_pid(record.id)) is not None and holder[0] == 2, 90,
-                   "attempt 2 to take over", second)
+                   "attempt 2 to take over", other)
     finally:
         os.kill(stalled_pid, signal.SIGCONT)
-    final = cluster.wait_finished(record.id, second)
+    final = cluster.wait_finished(record.id, other)
     assert final.state == JobState.succeeded and final.attempts == 2
-    assert owner_of(second, int(final.worker.rsplit(":", 1)[1]))
+    assert owner_of(other, int(final.worker.rsplit(":", 1)[1]))
     assert cluster.models_of(record.id) == [final.model_id]
     assert cluster.states(record.id).count("succeeded") == 1
-    wait_until(lambda: "lost its lease" in first.log_text() or "stops:" in first.log_text(), 30,
-               "the stale attempt to notice", first)
-    assert [entry.epoch for entry in final.history] == list(range(1, 9))
+    wait_until(lambda: "lost its lease" in stalled.log_text() or "stops:" in stalled.log_text(), 30,
+               "the stale attempt to notice", stalled)
+    assert [entry.epoch for entry in final.history] == list(range(1, 11))
