@@ -50,7 +50,9 @@ class ArchitectureSpec(_Strict):
         max_length=6,
         description="Conv only: filters per encoder level; each level halves H and W (stride 2).",
     )
-    kernel_size: int = Field(3, ge=1, le=11, description="Conv only: odd kernel side length.")
+    kernel_size: int = Field(
+        3, ge=1, le=11, description="Conv only: odd kernel side length.", json_schema_extra={"not": {"multipleOf": 2}}
+    )
     activation: Literal["relu", "elu", "gelu", "selu", "tanh", "swish", "leaky_relu"] = "relu"
     output_activation: Literal["linear", "sigmoid"] = Field(
         "linear",

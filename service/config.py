@@ -77,10 +77,10 @@ class Settings(BaseSettings):
     inference_batch_max_size: int = Field(
         64, ge=1, le=65536, description="A micro-batch closes when it holds this many images."
     )
-    # 1 M values (4 MiB of float32 input: 4 images of 512², 1,337 of 28²) bounds one run's activations; larger
-    # requests run in pieces of this size (see bench/README.md, 2026-12-02, for the memory and speed measured).
+    # One 512² gray image (334 of 28², so the image count decides for small ones): a run of the default conv DAE
+    # peaks ~170 MiB at this size, ~360 MiB at 4x (bench/README.md, 2026-12-02).
     inference_batch_max_values: int = Field(
-        1024 * 1024, ge=1,
+        256 * 1024, ge=1,
         description="A micro-batch also closes when it holds this many pixel values (H × W × channels, padded); a "
         "larger request runs in pieces of at most this size and DAE_INFERENCE_BATCH_MAX_SIZE images.",
     )

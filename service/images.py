@@ -16,9 +16,11 @@ from __future__ import annotations
 import binascii
 import functools
 import io
+import math
 import struct
 import warnings
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -27,7 +29,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from dae.errors import InvalidImage, PayloadTooLarge
 from service.png_reader import PNG_SIGNATURE as _PNG_SIGNATURE
-from service.png_reader import read_simple_png
+from service.png_reader import read_png_header, read_simple_png
 
 #: ITU-R BT.601 luma weights, used to turn RGB into the single channel of a grayscale model.
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -40,6 +42,8 @@ PNG_COMPRESS_LEVEL = 1
 PNG_STORE_BELOW_BYTES = 4096
 
 _ACCEPTED_FORMATS = ("PNG", "JPEG")
+#: Pillow modes that decode to one channel (service.images drops alpha; 16- and 32-bit gray stay gray).
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"})
 _DATA_URL_SEPARATOR = ";base64,"
 _PNG_END = b"IEND"
 
@@ -90,21 +94,75 @@ def decode_base64(data: str, *, field: str) -> bytes:
         ) from None
 
 
-def decode_image_bytes(content: bytes, *, max_side: int, field: str = "image") -> np.ndarray:
-    """Decode PNG or JPEG bytes to float32 H×W×C in [0, 1] (C = 1 or 3; alpha dropped)."""
+class PendingImage:
+    """A source whose header has been read and checked, its pixels not decoded yet: `count` images (more than one
+    only for a 4-D array) of height × width × channels values once decoded (channels as decoded: alpha is dropped,
+    a palette becomes RGB). What a request will cost is known from these before anything large is allocated."""
+
+    __slots__ = ("count", "height", "width", "channels", "values", "field", "decoder")
+
+    def __init__(self, count: int, height: int, width: int, channels: int, field: str,
+                 decoder: Callable[[], np.ndarray]) -> None:
+        self.count, self.height, self.width, self.channels = count, height, width, channels
+        self.values = count * height * width * channels  # float32 values the decoded pixels take
+        self.field = field
+        self.decoder = decoder
+
+    def decode(self) -> np.ndarray:
+        """float32 (H, W, C), or (N, H, W, C) for a 4-D array, in [0, 1]; InvalidImage when the pixels do not
+        have the size the header promised."""
+        pixels = self.decoder()
+        if pixels.shape[-3:-1] != (self.height, self.width):
+            raise InvalidImage(
+                f"{self.field} does not match its own header. Expected {self.height}×{self.width} pixels. "
+                f"Received: {pixels.shape[-3]}×{pixels.shape[-2]}"
+            )
+        return pixels
+
+
+def open_image_bytes(content: bytes, *, max_side: int, field: str = "image") -> PendingImage:
+    """PNG or JPEG bytes with their header read (PNG: IHDR; otherwise Pillow's lazy open, which reads only the
+    header, e.g. a JPEG's SOF) and the side limit checked; PayloadTooLarge or InvalidImage before any pixel."""
     if not content:
         raise InvalidImage(f"{field} is empty. Expected the bytes of a PNG or JPEG image. Received: 0 bytes")
+    header = read_png_header(content)
+    if header is not None:  # the common case: 33 bytes read, no Pillow object
+        height, width, channels = header
+        _check_side(height, width, max_side=max_side, field=field)
+        return PendingImage(1, height, width, channels, field,
+                            functools.partial(_decode_png, content, max_side=max_side, field=field))
+    image = _open_with_pillow(content, max_side=max_side, field=field)
+    width, height = image.size
+    _check_side(height, width, max_side=max_side, field=field)
+    channels = 1 if image.mode in _GRAY_MODES else 3
+    return PendingImage(1, height, width, channels, field, functools.partial(_load_pillow, image, content, field=field))
+
+
+def decode_image_bytes(content: bytes, *, max_side: int, field: str = "image") -> np.ndarray:
+    """Decode PNG or JPEG bytes to float32 H×W×C in [0, 1] (C = 1 or 3; alpha dropped)."""
+    return open_image_bytes(content, max_side=max_side, field=field).decode()
+
+
+def _decode_png(content: bytes, *, max_side: int, field: str) -> np.ndarray:
+    """A PNG whose IHDR was read: the fast reader for the common PNGs, else Pillow's full reader."""
     pixels = read_simple_png(content, max_side=max_side)
     if pixels is not None:  # the common PNGs, read without Pillow's Python-level file handling
         return _uint8_to_float(pixels)
+    image = _open_with_pillow(content, max_side=max_side, field=field)
+    _check_side(image.size[1], image.size[0], max_side=max_side, field=field)
+    return _load_pillow(image, content, field=field)
+
+
+def _open_with_pillow(content: bytes, *, max_side: int, field: str) -> Image.Image:
+    """Pillow's lazy open (header only) of PNG or JPEG bytes; InvalidImage for anything else."""
     try:
         if content.startswith(_PNG_SIGNATURE):
             # The PNG reader directly: Image.open's format probing and bomb warning cost ~20 µs on a 28x28 image;
-            # the side limit below (checked before any pixel is decoded) is the real guard against bombs.
+            # the side limit (checked before any pixel is decoded) is the real guard against bombs.
             image = PngImagePlugin.PngImageFile(io.BytesIO(content))
         else:
             with warnings.catch_warnings():
-                # Pillow warns (DecompressionBombWarning) before it errors; the side limit below is the real check.
+                # Pillow warns (DecompressionBombWarning) before it errors; the side limit is the real check.
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(content))
     except Image.DecompressionBombError:
@@ -118,8 +176,11 @@ def decode_image_bytes(content: bytes, *, max_side: int, field: str = "image") -
         ) from None
     if image.format not in _ACCEPTED_FORMATS:
         raise InvalidImage(f"{field} has an unsupported format. Expected PNG or JPEG. Received: {image.format}")
-    width, height = image.size
-    _check_side(height, width, max_side=max_side, field=field)
+    return image
+
+
+def _load_pillow(image: Image.Image, content: bytes, *, field: str) -> np.ndarray:
+    """The pixels of an image opened by _open_with_pillow (sides already checked)."""
     if image.format == "PNG" and content.rfind(_PNG_END) == -1:
         # Pillow decodes a PNG cut after its pixel data without complaint; a file without IEND is truncated.
         raise InvalidImage(
@@ -165,9 +226,34 @@ def _uint8_to_float(pixels: np.ndarray) -> np.ndarray:
     return np.divide(pixels, np.float32(255), dtype=np.float32)
 
 
+def open_base64_image(data: str, *, max_side: int, field: str = "image") -> PendingImage:
+    """A base64 PNG/JPEG with its header read (see open_image_bytes)."""
+    return open_image_bytes(decode_base64(data, field=field), max_side=max_side, field=field)
+
+
 def decode_base64_image(data: str, *, max_side: int, field: str = "image") -> np.ndarray:
     """Decode a base64 PNG/JPEG to float32 H×W×C in [0, 1]."""
-    return decode_image_bytes(decode_base64(data, field=field), max_side=max_side, field=field)
+    return open_base64_image(data, max_side=max_side, field=field).decode()
+
+
+def open_pixels(pixels: Any, *, max_side: int, field: str = "pixels") -> PendingImage:
+    """Nested lists with their shape read from the first element at each depth, nothing converted: a
+    rectangular list has exactly this shape, and any other fails when decoded (np.asarray refuses ragged lists)."""
+    shape = []
+    node = pixels
+    while isinstance(node, list) and node and len(shape) < 3:
+        shape.append(len(node))
+        node = node[0]
+    if len(shape) == 2 and not isinstance(node, list):
+        shape.append(1)
+    if len(shape) != 3 or isinstance(node, list) or shape[2] not in (1, 3, 4):
+        # Not H×W or H×W×C (C = 1, 3, 4): converting it raises the precise error, costing no more than the JSON did.
+        array = pixels_to_array(pixels, max_side=max_side, field=field)
+        return PendingImage(1, array.shape[0], array.shape[1], array.shape[2], field, lambda: array)
+    height, width, channels = shape
+    _check_side(height, width, max_side=max_side, field=field)
+    return PendingImage(1, height, width, min(channels, 3), field,
+                        functools.partial(pixels_to_array, pixels, max_side=max_side, field=field))
 
 
 def pixels_to_array(pixels: Any, *, max_side: int, field: str = "pixels") -> np.ndarray:
@@ -191,6 +277,22 @@ def pixels_to_array(pixels: Any, *, max_side: int, field: str = "pixels") -> np.
     return check_pixel_array(array.astype(np.float32, copy=False), max_side=max_side, field=field)
 
 
+def open_raw_array(data: str, shape: list[int], dtype: str, *, max_side: int, field: str = "array") -> PendingImage:
+    """A base64 buffer with its declared shape checked (channels, sides); the base64 is decoded by decode()."""
+    if len(shape) not in (2, 3, 4):
+        raise InvalidImage(f"{field}.shape must be (H, W), (H, W, C) or (N, H, W, C). Received: shape={shape}")
+    count = shape[0] if len(shape) == 4 else 1
+    height, width, channels = (*shape[-2:], 1) if len(shape) == 2 else shape[-3:]
+    if channels not in (1, 3, 4):
+        raise InvalidImage(
+            f"{field} has {channels} channels. Expected 1 (gray), 3 (RGB) or 4 (RGBA) as the last axis. "
+            f"Received: shape={list(shape)}"
+        )
+    _check_side(height, width, max_side=max_side, field=field)
+    return PendingImage(count, height, width, min(channels, 3), field,
+                        functools.partial(decode_raw_array, data, shape, dtype, max_side=max_side, field=field))
+
+
 def decode_raw_array(data: str, shape: list[int], dtype: str, *, max_side: int, field: str = "array") -> np.ndarray:
     """A base64 little-endian float32 or uint8 buffer with the given shape as float32 (..., H, W, C) in [0, 1].
 
@@ -198,7 +300,7 @@ def decode_raw_array(data: str, shape: list[int], dtype: str, *, max_side: int, 
     """
     raw = decode_base64(data, field=f"{field}.data")
     element = np.dtype("<f4") if dtype == "float32" else np.dtype(np.uint8)
-    expected_bytes = int(np.prod(shape, dtype=np.int64)) * element.itemsize
+    expected_bytes = math.prod(shape) * element.itemsize  # Python ints: a product of large sides cannot wrap
     if len(raw) != expected_bytes:
         raise InvalidImage(
             f"{field}.data does not match its shape and dtype. Expected {expected_bytes} bytes for shape={shape} "

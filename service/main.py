@@ -8,8 +8,10 @@ Retry-After, all as JSON `{"detail": "..."}`.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -147,8 +149,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         cache_size=settings.inference_cache_size,
         memory_budget_mib=settings.inference_memory_budget_mib,
         batch_max_size=settings.inference_batch_max_size,
+        batch_max_values=settings.inference_batch_max_values,
         batch_timeout_ms=settings.inference_batch_timeout_ms,
-        queue_bound=settings.inference_queue_bound,
+        queue_max_values=settings.inference_queue_max_values,
         intra_op_threads=settings.inference_intra_op_threads,
         workers=settings.inference_workers,
         retry_after_s=settings.retry_after_s,
@@ -247,6 +250,11 @@ async def handle_validation_error(request: Request, error: RequestValidationErro
     )
 
 
+_UNPARSABLE_BODY_DETAILS = frozenset({
+    "There was an error parsing the body", "Invalid multipart data.", "Missing boundary in multipart.",
+})
+
+
 async def handle_http_exception(request: Request, error: StarletteHTTPException) -> Response:
     """HTTP errors raised by the framework or routes (404 unknown path, 405, 413, 415, 406)."""
     if error.status_code in (204, 304):
@@ -254,9 +262,41 @@ async def handle_http_exception(request: Request, error: StarletteHTTPException)
     detail = str(error.detail)
     if error.status_code == 404 and detail == "Not Found":  # no route matched
         detail = f"No such path. Expected an API path (see /docs). Received: {request.method} {_short(request.url.path, 200)}"
+    elif error.status_code == 400 and detail in _UNPARSABLE_BODY_DETAILS:  # FastAPI's and Starlette's words
+        detail = (
+            f"The request body could not be parsed ({detail.rstrip('.')}). Expected a body in the format its "
+            f"Content-Type declares. Received: Content-Type {_short(request.headers.get('content-type', ''))}"
+        )
     elif error.status_code == 405 and detail == "Method Not Allowed":
         detail = f"This path does not take {request.method}. Expected a method listed in /docs. Received: {request.method}"
-    return OrjsonResponse({"detail": detail}, status_code=error.status_code, headers=error.headers)
+    headers = error.headers
+    if error.status_code == 405 and (allow := allowed_methods(request)):
+        headers = {**(headers or {}), "Allow": allow}
+    return OrjsonResponse({"detail": detail}, status_code=error.status_code, headers=headers)
+
+
+def allowed_methods(request: Request) -> str | None:
+    """The methods the API documents for the request's path, for a 405's Allow header (None: not an API path).
+
+    Starlette names only the methods of the first route matching the path, so a path served by several routes
+    (GET and POST /datasets) listed one of them (found by schemathesis' allow_header_conformance). The OpenAPI
+    document lists them all, and is what clients read.
+    """
+    path = request.scope.get("path", "")
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if _path_pattern(template).fullmatch(path):
+            return ", ".join(sorted(method.upper() for method in operations if method.upper() in _HTTP_METHODS))
+    return None
+
+
+_HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
+
+
+@functools.lru_cache(maxsize=256)
+def _path_pattern(template: str) -> re.Pattern[str]:
+    """`/jobs/{job_id}` as a regex matching one path segment per parameter, as routing does."""
+    parts = re.split(r"(\{[^}/]+\})", template)
+    return re.compile("".join("[^/]+" if part.startswith("{") else re.escape(part) for part in parts))
 
 
 async def handle_unexpected(request: Request, error: Exception) -> Response:

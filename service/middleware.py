@@ -117,6 +117,8 @@ class BodyTooLarge(HTTPException):
                 f"The request body is too large. Expected at most {limit} bytes (DAE_MAX_UPLOAD_MB). "
                 f"Received: {received}"
             ),
+            # Without it the server keeps reading (and discarding) a chunked body for as long as the client sends.
+            headers={"Connection": "close"},
         )
 
 

@@ -24,6 +24,26 @@ _COLOR_TYPES = {0: ("L", 1), 2: ("RGB", 3), 4: ("LA", 2), 6: ("RGBA", 4)}
 _KNOWN_CRITICAL = frozenset({b"IHDR", b"PLTE", b"IDAT", b"IEND"})
 _CHUNK_HEAD = struct.Struct(">I4s")
 _IHDR = struct.Struct(">IIBBBBB")
+#: PNG colour type → channels once decoded by service.images (alpha dropped, a palette becomes RGB), any bit depth.
+DECODED_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 1, 6: 3}
+#: Signature, then IHDR: length, tag, width, height, bit depth, colour type, compression, filter, interlace, CRC.
+_PNG_HEAD = struct.Struct(">8sI4sIIBBBBBI")
+_IHDR_TAG_AND_DATA = slice(12, 29)
+
+
+def read_png_header(content: bytes) -> tuple[int, int, int] | None:
+    """(height, width, decoded channels) from a PNG's IHDR, which the format requires as the first chunk; None when
+    `content` does not start that way (the caller asks Pillow). Reads 33 bytes; decodes nothing."""
+    try:
+        signature, length, tag, width, height, _, color_type, _, _, _, crc = _PNG_HEAD.unpack_from(content)
+    except struct.error:  # shorter than a signature and an IHDR
+        return None
+    if signature != PNG_SIGNATURE or length != _IHDR.size or tag != b"IHDR":
+        return None
+    if zlib.crc32(content[_IHDR_TAG_AND_DATA]) != crc:
+        return None
+    channels = DECODED_CHANNELS.get(color_type)
+    return None if channels is None else (height, width, channels)
 
 
 def read_simple_png(content: bytes, *, max_side: int) -> np.ndarray | None:

@@ -12,6 +12,10 @@ from pydantic import BaseModel, Field
 
 from dae.spec import JobRecord, ModelCard
 
+#: Most items a listing may skip (GET /jobs, GET /models): Redis ranks are 64-bit integers (a larger offset was a
+#: Redis error, a 500), and no deployment keeps a billion records.
+MAX_LIST_OFFSET = 1_000_000_000
+
 
 class ErrorBody(BaseModel):
     """Every error answer: a sentence saying what was expected and what was received."""
@@ -75,4 +79,17 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         422: "Invalid input (says what was expected and what was received)",
         503: "Temporarily unavailable (retry after the Retry-After seconds)",
     }
-    return {code: {"model": ErrorBody, "description": descriptions.get(code, "Error")} for code in codes}
+    responses: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorBody, "description": descriptions.get(code, "Error")} for code in codes
+    }
+    if 503 in responses:  # service.main sends it with every 503 of these routes
+        responses[503]["headers"] = {"Retry-After": RETRY_AFTER_HEADER}
+    return responses
+
+
+#: The Retry-After header of a 503 (DAE_RETRY_AFTER_S).
+RETRY_AFTER_HEADER = {
+    "description": "Seconds to wait before retrying (DAE_RETRY_AFTER_S).",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 1},
+}

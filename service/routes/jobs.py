@@ -8,19 +8,21 @@ Redis to come back instead of breaking.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 import redis
 from celery import Celery
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
+from pydantic import BeforeValidator
 
 from dae.cost import check_job_cost
 from dae.data import BUILTIN_DATASETS, dataset_info
 from dae.errors import DaeError, DatasetNotFound, DatasetUnavailable, InvalidSpec, JobNotFound
-from dae.jobs import EVENT_ID_PATTERN, JobStore, enqueue_training, is_redis_outage, state_event
+from dae.jobs import IDEMPOTENCY_KEY_PATTERN, JobStore, enqueue_training, is_redis_outage, state_event
 from dae.spec import JobRecord, JobState, TrainingSpec
 from dae.store import ModelStore
 from service.config import Settings
@@ -32,7 +34,7 @@ from service.deps import (
     SettingsDep,
     redis_reply,
 )
-from service.schemas import JobList, error_responses
+from service.schemas import MAX_LIST_OFFSET, JobList, error_responses
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +44,43 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[ApiKeyRequired])
 EVENTS_BLOCK_MS = 1000
 #: Pauses of an event stream between reads while Redis is unreachable: the first, doubled up to the last.
 EVENTS_OUTAGE_BACKOFF_S = (0.25, 2.0)
+#: A Last-Event-ID the stream accepts: a Redis stream id, `<ms>[-<seq>]`. Redis refuses parts above 2^64 - 1 (an
+#: error once the stream has started), so each part has at most 19 digits (< 10^19 < 2^64); documented as the
+#: header's pattern, so the schema and the check agree.
+LAST_EVENT_ID_PATTERN = r"^\d{1,19}(-\d{1,19})?$"
+_LAST_EVENT_ID = re.compile(LAST_EVENT_ID_PATTERN, re.ASCII)
 
 
 class BrokerUnavailable(DaeError):
     """The job was recorded but could not be handed to the queue (the broker did not answer)."""
 
     status_code = 503
+
+
+def _whole_numbers_as_int(value: Any) -> Any:
+    """5.0 becomes 5 throughout a JSON document (JSON has one number type; JSON Schema calls 5.0 an integer)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole_numbers_as_int(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers_as_int(item) for item in value]
+    return value
+
+
+def strict_spec(value: Any) -> Any:
+    """Validate a submitted spec with JSON's types: `true` or `"3"` is not a number, `1` is not `true`.
+
+    Pydantic's default (lax) mode would train `"kernel_size": true` as a kernel of 1 (found by schemathesis'
+    negative_data_rejection). Strict mode applies to the whole spec; whole floats still count as integers.
+    """
+    if isinstance(value, dict):
+        return TrainingSpec.model_validate(_whole_numbers_as_int(value), strict=True)
+    return value
+
+
+#: The body of POST /jobs: a TrainingSpec, validated strictly (its schema is TrainingSpec's).
+SubmittedSpec = Annotated[TrainingSpec, BeforeValidator(strict_spec)]
 
 
 def check_submittable(spec: TrainingSpec, settings: Settings, store: ModelStore) -> None:
@@ -86,7 +119,7 @@ def check_submittable(spec: TrainingSpec, settings: Settings, store: ModelStore)
     },
 )
 def create_job(
-    spec: TrainingSpec,
+    spec: SubmittedSpec,
     response: Response,
     settings: SettingsDep,
     jobs: JobStoreDep,
@@ -98,6 +131,7 @@ def create_job(
             alias="Idempotency-Key",
             max_length=200,
             description="Same key + same body → the same job (no second run); same key + another body → 409.",
+            json_schema_extra={"pattern": IDEMPOTENCY_KEY_PATTERN.pattern},  # checked by JobStore.create (400)
         ),
     ] = None,
 ) -> JobRecord:
@@ -146,7 +180,7 @@ def list_jobs(
     jobs: JobStoreDep,
     state: Annotated[JobState | None, Query(description="Only jobs in this state.")] = None,
     limit: Annotated[int, Query(ge=1, le=500, description="Page size.")] = 50,
-    offset: Annotated[int, Query(ge=0, description="Jobs to skip (newest first).")] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_LIST_OFFSET, description="Jobs to skip (newest first).")] = 0,
 ) -> JobList:
     """Jobs newest first, optionally only those in one state; paginated with limit/offset and the total."""
     items, total = jobs.list(state, limit=limit, offset=offset)
@@ -177,11 +211,16 @@ def existing_job(job_id: str, jobs: JobStoreDep) -> JobRecord:
 async def checked_last_event_id(
     last_event_id: Annotated[
         str | None,
-        Header(alias="Last-Event-ID", description="Resume after this event id (browsers send it on reconnect)."),
+        Header(
+            alias="Last-Event-ID",
+            description="Resume after this event id (browsers send it on reconnect).",
+            # Checked below (400 with our own sentence), documented here.
+            json_schema_extra={"pattern": LAST_EVENT_ID_PATTERN},
+        ),
     ] = None,
 ) -> str | None:
-    """The Last-Event-ID header, validated before the stream starts."""
-    if last_event_id is not None and not EVENT_ID_PATTERN.fullmatch(last_event_id):
+    """The Last-Event-ID header, validated before the stream starts (a 400, not a broken stream)."""
+    if last_event_id is not None and not _LAST_EVENT_ID.fullmatch(last_event_id):
         raise DaeError(
             f"Last-Event-ID is not an event id of this stream. Expected an id like '1712345678901-0'. "
             f"Received: {last_event_id[:64]!r}"

@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse
 
 from dae.spec import ModelCard
 from service.deps import ApiKeyRequired, InferenceDep, ModelStoreDep
-from service.schemas import ModelList, error_responses
+from service.schemas import MAX_LIST_OFFSET, ModelList, error_responses
 
 router = APIRouter(prefix="/models", tags=["models"], dependencies=[ApiKeyRequired])
 
@@ -31,7 +31,7 @@ def list_models(
     store: ModelStoreDep,
     name: Annotated[str | None, Query(max_length=64, description="Only the versions of this model name.")] = None,
     limit: Annotated[int, Query(ge=1, le=500, description="Page size.")] = 50,
-    offset: Annotated[int, Query(ge=0, description="Models to skip (newest first).")] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_LIST_OFFSET, description="Models to skip (newest first).")] = 0,
 ) -> ModelList:
     """Model cards newest first, optionally only one name's versions; paginated with limit/offset and the total."""
     items, total = store.list_models(name, limit=limit, offset=offset)

@@ -164,7 +164,10 @@ def test_swagger_shows_the_authorize_button():
         "name": "X-API-Key",
         "description": "Required when the gateway runs with DAE_API_KEYS set; health, metrics and docs are open.",
     }
-    assert schema["paths"]["/jobs"]["post"]["security"] == [{"ApiKey": []}]
+    # Open (no DAE_API_KEYS): the key is optional, `{}` says so; with keys it is required.
+    assert schema["paths"]["/jobs"]["post"]["security"] == [{"ApiKey": []}, {}]
+    keyed = create_app(Settings(api_keys="k-one")).openapi()
+    assert keyed["paths"]["/jobs"]["post"]["security"] == [{"ApiKey": []}]
     assert "security" not in schema["paths"]["/healthz"]["get"]
 
 

@@ -20,6 +20,10 @@ from service.images import (
     encode_png,
     float32_base64,
     heatmap_png,
+    open_base64_image,
+    open_image_bytes,
+    open_pixels,
+    open_raw_array,
     pixels_to_array,
     to_channels,
 )
@@ -240,3 +244,81 @@ def test_a_stored_idat_chunk_takes_at_most_one_stored_block():
     assert PNG_STORE_BELOW_BYTES <= 65535
     with pytest.raises(ValueError, match="at most 65535 bytes"):
         _stored_idat(memoryview(bytes(65536)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Headers before pixels: every opener knows the decoded size without decoding
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "shape"),
+    [
+        (encode(Image.fromarray(GRAY_U8)), (5, 7, 1)),
+        (encode(Image.fromarray(RGB_U8).convert("RGBA")), (5, 7, 3)),
+        (encode(Image.fromarray(RGB_U8), "JPEG"), (5, 7, 3)),
+        (encode(Image.fromarray(GRAY_U8), "JPEG"), (5, 7, 1)),
+        (encode(Image.fromarray(RGB_U8).convert("P")), (5, 7, 3)),
+    ],
+    ids=["png gray", "png rgba", "jpeg rgb", "jpeg gray", "png palette"],
+)
+def test_opened_images_announce_the_shape_their_decoding_gives(content, shape):
+    pending = open_image_bytes(content, max_side=8)
+    assert (pending.height, pending.width, pending.channels) == shape and pending.values == 5 * 7 * shape[2]
+    assert pending.decode().shape == shape
+    assert open_base64_image(base64.b64encode(content).decode(), max_side=8).values == pending.values
+
+
+def test_a_jpeg_is_measured_from_its_header_and_refused_before_its_pixels_are_read(monkeypatch):
+    content = encode(Image.fromarray(RNG.integers(0, 256, (40, 30, 3), dtype=np.uint8)), "JPEG")
+
+    def no_decoding(self, *args, **kwargs):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(Image.Image, "load", no_decoding)
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", no_decoding)
+    pending = open_image_bytes(content, max_side=64)
+    assert (pending.height, pending.width, pending.channels) == (40, 30, 3)
+    with pytest.raises(PayloadTooLarge, match="at most 32 pixels .* Received: 40×30"):
+        open_image_bytes(content, max_side=32)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "shape"),
+    [([[0.5] * 7] * 5, (5, 7, 1)), ([[[0.5]] * 7] * 5, (5, 7, 1)), ([[[0.1, 0.2, 0.3]] * 7] * 5, (5, 7, 3)),
+     ([[[0.1, 0.2, 0.3, 1.0]] * 7] * 5, (5, 7, 3))],
+)
+def test_nested_lists_are_measured_from_their_first_elements_without_converting(pixels, shape, monkeypatch):
+    converted = []
+    monkeypatch.setattr(np, "asarray", lambda *args, **kwargs: converted.append(1) or np.array(*args, **kwargs))
+    pending = open_pixels(pixels, max_side=8)
+    assert (pending.height, pending.width, pending.channels) == shape and not converted
+    assert pending.decode().shape == shape and converted
+
+
+def test_nested_lists_over_the_side_limit_are_refused_before_converting():
+    with pytest.raises(PayloadTooLarge, match="at most 8 pixels"):
+        open_pixels([[0.5] * 9] * 2, max_side=8)
+
+
+@pytest.mark.parametrize("pixels", [[[0.1, 0.2], [0.3]], [[0.5], [0.5, 0.5]], [[0.1, [0.2]]]])
+def test_a_ragged_list_whose_first_row_looks_small_still_fails_when_decoded(pixels):
+    with pytest.raises(InvalidImage, match="ragged"):
+        open_pixels(pixels, max_side=8).decode()
+
+
+def test_raw_arrays_are_measured_from_their_shape_before_the_base64_is_decoded():
+    pending = open_raw_array("not even base64", [6, 5, 7, 4], "uint8", max_side=8)
+    assert (pending.count, pending.height, pending.width, pending.channels, pending.values) == (6, 5, 7, 3, 630)
+    with pytest.raises(InvalidImage, match="not valid base64"):
+        pending.decode()
+    with pytest.raises(PayloadTooLarge, match="at most 8 pixels"):
+        open_raw_array("", [2, 9, 1], "float32", max_side=8)
+    with pytest.raises(InvalidImage, match="2 channels"):
+        open_raw_array("", [2, 2, 2], "float32", max_side=8)
+
+
+def test_a_raw_array_whose_sides_multiply_past_64_bits_is_a_clean_422():
+    # 65536^4 * 4 bytes wraps an int64 to 0; an empty buffer must not pass for it.
+    with pytest.raises(InvalidImage, match="does not match its shape"):
+        decode_raw_array("", [65536] * 4, "float32", max_side=65536)

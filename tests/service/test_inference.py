@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from dae.errors import InvalidImage, ModelNotFound, Overloaded
+from dae.errors import InvalidImage, ModelNotFound, Overloaded, PayloadTooLarge
 from dae.store import ModelStore
 from service.inference import InferenceEngine
 from tests.service.conftest import TinyModel, publish_tiny_model, run_onnx
@@ -63,14 +63,17 @@ def test_a_batch_closes_at_its_max_size_and_leftovers_wait_for_the_timeout(store
     assert elapsed >= 0.18  # the last two waited for the batch window
 
 
-def test_a_request_larger_than_the_max_size_runs_as_one_batch(store, dense_card):
+def test_a_request_larger_than_the_max_size_runs_in_micro_batch_pieces(store, dense_card, tiny_models):
     engine = make_engine(store, batch_max_size=4)
+    batch = images(10)
     try:
-        output = asyncio.run(_run_once(engine, dense_card.id, images(10)))
+        output = asyncio.run(_run_once(engine, dense_card.id, batch))
     finally:
         engine.close()
     assert output.shape == (10, 8, 8, 1)
-    assert list(engine.stats.recent_batch_sizes) == [10]
+    assert list(engine.stats.recent_batch_sizes) == [4, 4, 2]
+    np.testing.assert_allclose(output, run_onnx(tiny_models["dense"].onnx_path, batch), atol=1e-6)
+    assert engine.queued_images == engine.queued_values == 0
 
 
 async def _run_once(engine: InferenceEngine, ref: str, batch: np.ndarray) -> np.ndarray:
@@ -95,7 +98,7 @@ def test_images_of_different_sizes_are_not_batched_together(store, conv_card):
 
 
 def test_a_full_queue_raises_overloaded_until_it_drains(store, dense_card):
-    engine = make_engine(store, queue_bound=3, batch_timeout_ms=0.0)
+    engine = make_engine(store, queue_max_values=3 * 64, batch_timeout_ms=0.0)  # three 8x8 images
     gate = threading.Event()
 
     async def scenario():
@@ -103,8 +106,8 @@ def test_a_full_queue_raises_overloaded_until_it_drains(store, dense_card):
         engine.executor.submit(gate.wait)  # the only worker is busy: batches wait
         waiting = asyncio.create_task(engine.run(model, images(2)))
         await asyncio.sleep(0.05)
-        assert engine.queued_images == 2
-        with pytest.raises(Overloaded, match="at most 3 images waiting"):
+        assert engine.queued_images == 2 and engine.queued_values == 128
+        with pytest.raises(Overloaded, match=r"at most 192 pixel values waiting .*Received: 128 more with 128"):
             await engine.run(model, images(2))
         gate.set()
         first = await waiting
@@ -273,3 +276,181 @@ def test_small_batches_are_measured_on_the_loop_and_large_ones_in_the_worker_wit
     expected = np.clip(run_onnx(tiny_models["dense"].onnx_path, batch), 0.0, 1.0)
     np.testing.assert_allclose(denoised.outputs, expected, atol=1e-6)
     np.testing.assert_allclose(denoised.errors.maps, np.abs(batch - denoised.outputs).mean(axis=-1), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded memory: micro-batch pieces, the value bounds, the arena
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, height, width", [("dense", 8, 8), ("conv", 12, 16), ("conv", 7, 9)])
+def test_micro_batch_pieces_give_exactly_what_one_whole_run_gives(store, tiny_models, kind, height, width):
+    """The fast path (pieces) behaves like the ordinary one: a request cut into pieces of 3 images, or of 2
+    images' values, returns the same outputs, error maps, statistics and PNG rows as one run of all 10."""
+    card = publish_tiny_model(store, tiny_models[kind], f"{kind}-pieces")
+    batch = images(10, height, width) * 1.4 - 0.2  # outside [0, 1] too: clipping happens per piece
+    per_image = (height + (-height) % 4) * (width + (-width) % 4) if kind == "conv" else height * width
+    results = {}
+    for label, options in {"whole": {}, "3 images": {"batch_max_size": 3},
+                           "2 images' values": {"batch_max_values": 2 * per_image}}.items():
+        engine = make_engine(store, batch_timeout_ms=0.0, **options)
+
+        async def scenario(engine=engine):
+            model = await engine.model(card.id)
+            return await engine.denoise_pieces(model, batch), await engine.denoise(model, batch)
+
+        try:
+            results[label] = asyncio.run(scenario())
+        finally:
+            engine.close()
+        results[label] += (list(engine.stats.recent_batch_sizes),)
+    whole_pieces, whole, sizes = results["whole"]
+    assert len(whole_pieces) == 1 and sizes == [10, 10]
+    assert [len(piece.outputs) for piece in results["3 images"][0]] == [3, 3, 3, 1]
+    assert results["3 images"][2] == [3, 3, 3, 1] * 2
+    assert results["2 images' values"][2] == [2] * 10
+    for label in ("3 images", "2 images' values"):
+        pieces, joined, _ = results[label]
+        for name in ("outputs", "png_rows", "heatmap_rows"):
+            np.testing.assert_array_equal(getattr(joined, name), getattr(whole, name), err_msg=f"{label} {name}")
+        for name in ("maps", "means", "maxima", "p99s"):
+            np.testing.assert_array_equal(getattr(joined.errors, name), getattr(whole.errors, name), err_msg=label)
+        np.testing.assert_array_equal(np.concatenate([piece.outputs for piece in pieces]), whole.outputs)
+    assert whole.outputs.shape == (10, height, width, 1) and whole.outputs.flags.c_contiguous
+
+
+def test_a_batch_closes_at_its_value_bound_exactly(store, dense_card):
+    """batch_max_values = 3 images' values: three 1-image callers share a run, a fourth starts the next one."""
+    engine = make_engine(store, batch_max_values=3 * 64, batch_timeout_ms=200.0)
+
+    async def scenario():
+        model = await engine.model(dense_card.id)
+        started = time.perf_counter()
+        await asyncio.gather(*(engine.run(model, images(1)) for _ in range(3)))
+        full_batch_s = time.perf_counter() - started
+        await asyncio.gather(*(engine.run(model, images(1)) for _ in range(4)))
+        return full_batch_s
+
+    try:
+        full_batch_s = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert list(engine.stats.recent_batch_sizes) == [3, 3, 1]
+    assert full_batch_s < 0.15  # closed by its values, not by the 200 ms window
+
+
+def test_an_image_larger_than_the_value_bound_runs_alone(store, conv_card):
+    engine = make_engine(store, batch_max_values=100, batch_timeout_ms=0.0)  # one 16x16 image is 256 values
+    try:
+        output = asyncio.run(_run_once(engine, conv_card.id, images(3, 16, 16)))
+    finally:
+        engine.close()
+    assert output.shape == (3, 16, 16, 1) and list(engine.stats.recent_batch_sizes) == [1, 1, 1]
+
+
+def test_the_queue_bound_counts_values_at_its_boundary(store, dense_card):
+    """queue_max_values = 4 images' values: 3 waiting + 1 fits exactly, + 2 is a 503, a 5-image request a 413."""
+    engine = make_engine(store, queue_max_values=4 * 64, batch_timeout_ms=0.0)
+    gate = threading.Event()
+
+    async def scenario():
+        model = await engine.model(dense_card.id)
+        engine.executor.submit(gate.wait)  # the only worker is busy: everything waits
+        waiting = [asyncio.create_task(engine.run(model, images(3)))]
+        await asyncio.sleep(0.02)
+        with pytest.raises(Overloaded, match=r"at most 256 pixel values waiting \(DAE_INFERENCE_QUEUE_MAX_VALUES\)"
+                                             r".*Received: 128 more with 192 waiting"):
+            await engine.run(model, images(2))
+        waiting.append(asyncio.create_task(engine.run(model, images(1))))  # 192 + 64 = 256: at the bound
+        await asyncio.sleep(0.02)
+        assert engine.queued_values == 256 and engine.queued_images == 4
+        gate.set()
+        done = await asyncio.gather(*waiting)
+        with pytest.raises(PayloadTooLarge, match=r"larger than the whole inference queue. Expected at most 256 pixel "
+                                                  r"values \(DAE_INFERENCE_QUEUE_MAX_VALUES\). Received: 320"):
+            await engine.run(model, images(5))
+        return done
+
+    try:
+        done = asyncio.run(scenario())
+    finally:
+        gate.set()
+        engine.close()
+    assert [output.shape[0] for output in done] == [3, 1]
+    assert engine.queued_values == engine.queued_images == 0
+
+
+def test_the_queue_bound_counts_padded_values_and_is_released_by_cancelled_callers(store, conv_card):
+    engine = make_engine(store, queue_max_values=10_000, batch_timeout_ms=0.0)
+    gate = threading.Event()
+
+    async def scenario():
+        model = await engine.model(conv_card.id)
+        engine.executor.submit(gate.wait)
+        caller = asyncio.create_task(engine.run(model, images(2, 7, 9)))  # padded to 8 x 12: 2 x 96 values
+        await asyncio.sleep(0.02)
+        assert engine.queued_values == 192
+        caller.cancel()
+        await asyncio.sleep(0)
+        gate.set()
+        await asyncio.sleep(0.1)
+        return engine.queued_values, engine.queued_images
+
+    try:
+        assert asyncio.run(scenario()) == (0, 0)
+    finally:
+        gate.set()
+        engine.close()
+
+
+def test_large_padding_and_cropping_happen_off_the_event_loop(store, conv_card, tiny_models, monkeypatch):
+    import service.inference as inference_module  # noqa: PLC0415
+
+    threads: list[str] = []
+
+    def recording(function):
+        def wrapper(*args):
+            try:
+                asyncio.get_running_loop()
+                threads.append(f"{function.__name__} on the loop")
+            except RuntimeError:
+                threads.append(f"{function.__name__} in a thread")
+            return function(*args)
+        return wrapper
+
+    monkeypatch.setattr(inference_module, "_run_input", recording(inference_module._run_input))
+    monkeypatch.setattr(inference_module, "_cropped_pieces", recording(inference_module._cropped_pieces))
+    monkeypatch.setattr(inference_module, "LOOP_POSTPROCESS_MAX_VALUES", 1000)
+    engine = make_engine(store, batch_timeout_ms=0.0)
+    small, large = images(1, 7, 9), images(2, 31, 31)  # 96 and 2 x 1024 padded values
+    try:
+        small_out = asyncio.run(_run_once(engine, conv_card.id, small))
+        large_out = asyncio.run(_run_once(engine, conv_card.id, large))
+    finally:
+        engine.close()
+    assert threads == ["_run_input on the loop", "_cropped_pieces on the loop",
+                       "_run_input in a thread", "_cropped_pieces in a thread"]
+    padded = np.pad(large, ((0, 0), (0, 1), (0, 1), (0, 0)), mode="reflect")
+    np.testing.assert_allclose(large_out, run_onnx(tiny_models["conv"].onnx_path, padded)[:, :31, :31], atol=1e-6)
+    assert small_out.shape == (1, 7, 9, 1)
+
+
+def test_sessions_run_without_the_memory_arena_and_the_defaults_agree_with_the_settings():
+    """The arena would keep each session's largest run allocated (bench/README.md, 2026-12-02)."""
+    import service.inference as inference_module  # noqa: PLC0415
+    from service.config import Settings  # noqa: PLC0415
+
+    assert inference_module.session_options(1).enable_cpu_mem_arena is False
+    defaults = {name: field.default for name, field in Settings.model_fields.items()}  # not the environment's
+    assert defaults["inference_batch_max_values"] == inference_module.DEFAULT_BATCH_MAX_VALUES
+    assert defaults["inference_queue_max_values"] == inference_module.DEFAULT_QUEUE_MAX_VALUES
+    assert defaults["inference_queue_max_values"] >= defaults["max_request_pixels"]  # the largest request fits
+
+
+def test_the_removed_image_count_queue_bound_refuses_to_start(monkeypatch):
+    from service.config import Settings  # noqa: PLC0415
+
+    monkeypatch.setenv("DAE_INFERENCE_QUEUE_BOUND", "4096")
+    with pytest.raises(ValueError, match="DAE_INFERENCE_QUEUE_BOUND counted images and was removed. Expected "
+                                         "DAE_INFERENCE_QUEUE_MAX_VALUES"):
+        Settings()

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from service.images import decode_image_bytes
-from service.png_reader import read_simple_png
+from service.images import decode_image_bytes, open_image_bytes
+from service.png_reader import read_png_header, read_simple_png
 
 RNG = np.random.default_rng(7)
 CHANNELS = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}
@@ -152,3 +152,52 @@ def test_corrupt_pixel_data_returns_none_and_the_full_reader_explains():
     assert read_simple_png(corrupt, max_side=64) is None
     with pytest.raises(Exception, match="could not be decoded|not a readable image"):
         decode_image_bytes(corrupt, max_side=64)
+
+
+PILLOW_CHANNELS_DECODED = {"L": 1, "LA": 1, "RGB": 3, "RGBA": 3, "P": 3, "I;16": 1, "1": 1}
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        smooth_image("L", 5, 7), smooth_image("LA", 5, 7), smooth_image("RGB", 5, 7), smooth_image("RGBA", 5, 7),
+        smooth_image("RGB", 5, 7).convert("P"), Image.fromarray(RNG.integers(0, 65535, (5, 7), dtype=np.uint16)),
+        Image.fromarray(RNG.integers(0, 2, (5, 7), dtype=bool)),
+    ],
+    ids=lambda image: image.mode,
+)
+def test_the_header_gives_the_size_and_the_channels_decoding_will_give(image):
+    content = png_bytes(image)
+    assert read_png_header(content) == (5, 7, PILLOW_CHANNELS_DECODED[image.mode])
+    assert decode_image_bytes(content, max_side=64).shape == (5, 7, PILLOW_CHANNELS_DECODED[image.mode])
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (GRAY[:32], "shorter than signature + IHDR"),
+        (GRAY[:29] + b"\0\0\0\0" + GRAY[33:], "IHDR CRC mismatch"),
+        (GRAY[:8] + struct.pack(">I", 0) + b"tEXt" + struct.pack(">I", zlib.crc32(b"tEXt")) + GRAY[8:],
+         "IHDR not the first chunk"),
+        (with_ihdr(GRAY, color=5), "unknown colour type"),
+        (b"\xff\xd8\xff\xe0" + bytes(40), "not a PNG"),
+    ],
+)
+def test_the_header_reader_returns_none_for_anything_but_a_leading_valid_ihdr(content, why):
+    assert read_png_header(content) is None, why
+
+
+def test_a_huge_image_is_refused_from_its_ihdr_alone():
+    """IHDR says 4096x4096, the pixel data is garbage: 413 from the header; nothing is inflated."""
+    start = GRAY.index(b"IDAT") + 4
+    (length,) = struct.unpack(">I", GRAY[start - 8 : start - 4])
+    garbage = bytes(range(length))
+    corrupt = GRAY[:start] + garbage + struct.pack(">I", zlib.crc32(b"IDAT" + garbage)) + GRAY[start + length + 4 :]
+    huge = with_ihdr(corrupt, width=4096, height=4096)
+    with pytest.raises(Exception, match=r"at most 2048 pixels \(DAE_MAX_IMAGE_SIDE\). Received: 4096×4096"):
+        open_image_bytes(huge, max_side=2048)
+    pending = open_image_bytes(with_ihdr(corrupt, width=2048, height=1024), max_side=2048)
+    assert (pending.count, pending.height, pending.width, pending.channels, pending.values) == (1, 1024, 2048, 1,
+                                                                                                2048 * 1024)
+    with pytest.raises(Exception, match="could not be decoded|not a readable image"):
+        pending.decode()  # only decoding finds the garbage

@@ -337,7 +337,7 @@ def test_a_full_queue_answers_503_with_retry_after(settings, store, tiny_models)
     from tests.service.conftest import publish_tiny_model
 
     publish_tiny_model(store, tiny_models["dense"], "dense-test")
-    tight = Settings(**{**settings.model_dump(), "inference_queue_bound": 1, "retry_after_s": 2})
+    tight = Settings(**{**settings.model_dump(), "inference_queue_max_values": 64, "retry_after_s": 2})  # one 8x8
     app = create_app(tight)
     with TestClient(app) as client:
         body = {"model": "dense-test", "pixels": gray().tolist()}
