@@ -328,7 +328,6 @@ class _Request:
     images: np.ndarray
     future: asyncio.Future
     values: int  # images.size, counted against the queue and batch bounds
-    large: bool  # a piece of a large request: its batch is measured in the worker thread, whatever its own size
 
 
 @dataclass
@@ -528,13 +527,10 @@ class InferenceEngine:
         loop = asyncio.get_running_loop()
         key = (model.model_id, padded_h, padded_w)
         if count <= per_piece:  # the common case: one piece (a cancelled caller cancels its future)
-            requests = [self._enqueue(key, model, images, loop, large=False)]
+            requests = [self._enqueue(key, model, images, loop)]
             pieces: list[Denoised] = [await requests[0].future]
         else:
-            # Measured on the loop, a large request's pieces would contend for the GIL with the worker running the
-            # next piece: they are measured in the worker, as one large run's would be.
-            requests = [self._enqueue(key, model, images[start : start + per_piece], loop,
-                                      large=values > LOOP_POSTPROCESS_MAX_VALUES)
+            requests = [self._enqueue(key, model, images[start : start + per_piece], loop)
                         for start in range(0, count, per_piece)]
             try:
                 pieces = [await request.future for request in requests]
@@ -550,9 +546,9 @@ class InferenceEngine:
         return _cropped_pieces(requests, pieces, height, width)
 
     def _enqueue(self, key: tuple[str, int, int], model: LoadedModel, images: np.ndarray,
-                 loop: asyncio.AbstractEventLoop, *, large: bool) -> _Request:
+                 loop: asyncio.AbstractEventLoop) -> _Request:
         """Queue (already counted) images in their lane; close the lane's batch when it is full."""
-        request = _Request(images, loop.create_future(), images.size, large)
+        request = _Request(images, loop.create_future(), images.size)
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane(model)
@@ -609,18 +605,16 @@ class InferenceEngine:
             return
         self._running += 1
         arrays = [request.images for request in batch]
-        large = any(request.large for request in batch)
-        future = asyncio.get_running_loop().run_in_executor(self.executor, self._run_batch, lane.model, arrays, large)
+        future = asyncio.get_running_loop().run_in_executor(self.executor, self._run_batch, lane.model, arrays)
         future.add_done_callback(lambda done: self._finish_batch(batch, size, values, done))
 
-    def _run_batch(self, model: LoadedModel, arrays: list[np.ndarray], large: bool) -> _BatchRun:
-        """In a worker thread: one onnxruntime run over the concatenated batch (and, for a large batch or a piece
-        of a large request, its errors)."""
+    def _run_batch(self, model: LoadedModel, arrays: list[np.ndarray]) -> _BatchRun:
+        """In a worker thread: one onnxruntime run over the concatenated batch (and, for a large batch, its errors)."""
         started = time.perf_counter()
         inputs = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
         output = model.session.run([model.output_name], {model.input_name: inputs})[0]
         seconds = time.perf_counter() - started
-        large = large or inputs.size > LOOP_POSTPROCESS_MAX_VALUES
+        large = inputs.size > LOOP_POSTPROCESS_MAX_VALUES
         return _BatchRun(inputs, output, seconds, _postprocess(inputs, output) if large else None)
 
     def _finish_batch(self, batch: list[_Request], size: int, values: int, done: asyncio.Future) -> None:
