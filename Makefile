@@ -20,8 +20,8 @@ openapi: venv
 	.venv/bin/python -m service.openapi > openapi.yaml
 
 bench: venv system
-	.venv/bin/python bench/serve.py
-	.venv/bin/python bench/train.py
+	.venv/bin/python -m bench.serve
+	.venv/bin/python -m bench.train
 
 clean:
 	rm -rf .venv var .pytest_cache .ruff_cache

@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from tests.redis_server import free_port
+from testing.redis_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,6 +1,6 @@
 """The ceiling share of POST /reconstruct in CPU instructions: a figure the machine's noise does not move.
 
-    .venv/bin/python bench/instructions.py [--requests 600] [--train-images 1000] [--keep DIR]
+    .venv/bin/python -m bench.instructions [--requests 600] [--train-images 1000] [--keep DIR]
 
 bench/serve.py's ratio of requests/s swings by ±10 points between consecutive rounds on a shared 2-core virtual
 machine. This script runs the same comparison under valgrind's callgrind, which counts executed instructions
@@ -27,14 +27,13 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import httpx  # noqa: E402
+import httpx
 
-from bench.harness import UvicornServer, _read_response  # noqa: E402
-from bench.serve import COMPACT_QUERY, HEADLINE_CONCURRENCY, LEAN_QUERY, make_bodies, train_models  # noqa: E402
-from dae.store import ModelStore  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
+from bench.harness import UvicornServer, _read_response
+from bench.serve import COMPACT_QUERY, HEADLINE_CONCURRENCY, LEAN_QUERY, make_bodies, train_models
+from dae.store import ModelStore
+from testing.redis_server import RedisServer
 
 TARGET_SHARE_OF_CEILING = 0.40
 

@@ -1,7 +1,7 @@
 """Overload: far more concurrent /reconstruct calls than a small serving queue holds (issue 12, acceptance 2).
 
-    .venv/bin/python bench/overload.py                 # wrk -c 256 -d 30s, queue bound 64 images of 28x28
-    .venv/bin/python bench/overload.py --duration 10   # quicker
+    .venv/bin/python -m bench.overload                 # wrk -c 256 -d 30s, queue bound 64 images of 28x28
+    .venv/bin/python -m bench.overload --duration 10   # quicker
 
 Starts a redis-server and the real gateway (`uvicorn service.main:app`, configured by DAE_* variables only) with a
 small `DAE_INFERENCE_QUEUE_MAX_VALUES`, publishes a small dense DAE (trained for one epoch, as a job would), then
@@ -23,12 +23,10 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # as bench/serve.py: run as a script from the repo
-
-from bench.harness import UvicornServer, load_average, process_memory_mib, verdict  # noqa: E402
-from bench.serve import make_bodies, train_models  # noqa: E402
-from dae.store import ModelStore  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
+from bench.harness import UvicornServer, load_average, process_memory_mib, verdict
+from bench.serve import make_bodies, train_models
+from dae.store import ModelStore
+from testing.redis_server import RedisServer
 
 #: Counts every status and whether each 503 said when to retry; prints one JSON line at the end.
 WRK_SCRIPT = r"""

@@ -1,6 +1,6 @@
 """Denoising quality of the default conv DAE against classical denoisers on Fashion-MNIST (gaussian 0.3).
 
-    .venv/bin/python bench/quality.py [--epochs N] [--max-train-images N] [--test-images N]
+    .venv/bin/python -m bench.quality [--epochs N] [--max-train-images N] [--test-images N]
 
 Trains dae.spec.TrainingSpec() (the defaults: conv DAE, fashion_mnist, gaussian 0.3 clipped) and prints PSNR/SSIM/L1
 of the noisy input, the model, TV (Chambolle), NL-means and BM3D side by side on the first --test-images images of
@@ -15,17 +15,15 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from dae.data import load_dataset  # noqa: E402
-from dae.metrics import denoise_nl_means_batch, denoise_tv_batch, image_quality, keras_predictor  # noqa: E402
-from dae.noise import add_noise  # noqa: E402
-from dae.spec import NoiseSpec, TrainingSpec  # noqa: E402
+from dae.data import load_dataset
+from dae.metrics import denoise_nl_means_batch, denoise_tv_batch, image_quality, keras_predictor
+from dae.noise import add_noise
+from dae.spec import NoiseSpec, TrainingSpec
 
 TARGET_MARGIN_DB = 3.0
 

@@ -1,6 +1,6 @@
 """Serving speed of the gateway's POST /reconstruct against two baselines measured in the same run.
 
-    .venv/bin/python bench/serve.py [--duration 5] [--levels 1,8,32,128] [--quick] [--generator auto|wrk|python]
+    .venv/bin/python -m bench.serve [--duration 5] [--levels 1,8,32,128] [--quick] [--generator auto|wrk|python]
 
 What it does, on this machine, one server at a time:
 1. Trains two small DAEs on Fashion-MNIST (1 epoch on a few thousand images, dae.training.fit_autoencoder) and
@@ -48,13 +48,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import httpx
+import numpy as np
+from PIL import Image
 
-from bench.harness import (  # noqa: E402
+from bench.harness import (
     LoadResult,
     UvicornServer,
     format_table,
@@ -63,10 +62,10 @@ from bench.harness import (  # noqa: E402
     run_load,
     verdict,
 )
-from bench.interference import StolenCpu  # noqa: E402
-from dae.spec import ModelCard, NoiseSpec, TrainingSpec  # noqa: E402
-from dae.store import ModelStore, new_model_id  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
+from bench.interference import StolenCpu
+from dae.spec import ModelCard, NoiseSpec, TrainingSpec
+from dae.store import ModelStore, new_model_id
+from testing.redis_server import RedisServer
 
 # Targets of issue 6.
 TARGET_SPEEDUP_VS_KERAS = 50.0

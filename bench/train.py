@@ -1,6 +1,6 @@
 """Training speed through the service against a bare Keras script, and the fixed overhead of a job.
 
-    .venv/bin/python bench/train.py [--epochs 3] [--max-train-images 10000] [--architecture conv|dense] [--quick]
+    .venv/bin/python -m bench.train [--epochs 3] [--max-train-images 10000] [--architecture conv|dense] [--quick]
 
 The same TrainingSpec (TrainingSpec() defaults: a conv DAE on Fashion-MNIST; here with the epochs and image budget
 given) runs twice on this machine, one after the other:
@@ -40,18 +40,17 @@ from datetime import datetime
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import redis  # noqa: E402
+import httpx
+import numpy as np
+import redis
 
-from bench.harness import UvicornServer, format_table, load_average, verdict  # noqa: E402
-from bench.interference import OtherProcessesCpu  # noqa: E402
-from dae.jobs import JobStore  # noqa: E402
-from dae.spec import JobRecord, TrainingSpec  # noqa: E402
-from tests.processes import CeleryWorker  # noqa: E402
-from tests.redis_server import RedisServer  # noqa: E402
+from bench.harness import UvicornServer, format_table, load_average, verdict
+from bench.interference import OtherProcessesCpu
+from dae.jobs import JobStore
+from dae.spec import JobRecord, TrainingSpec
+from testing.processes import CeleryWorker
+from testing.redis_server import RedisServer
 
 TARGET_RATIO = 0.95
 TARGET_OVERHEAD_S = 5.0

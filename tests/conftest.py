@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.redis_server import RedisServer
+from testing.redis_server import RedisServer
 
 # Quiet TensorFlow's C++ start-up chatter in test output; set before any test imports it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.e2e.gateway_process import GatewayProcess
-from tests.processes import CeleryWorker
-
-
-@dataclass
-class Stack:
-    """Handles on the running processes."""
-
-    gateway: GatewayProcess
-    worker: CeleryWorker
-    store_dir: Path
-    client: httpx.Client
+from testing.gateway import GatewayProcess
+from testing.processes import CeleryWorker
+from tests.e2e.stack import Stack
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from tests.e2e.conftest import Stack
+from tests.e2e.stack import Stack
 
 pytestmark = pytest.mark.e2e
 

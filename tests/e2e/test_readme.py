@@ -13,8 +13,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.processes import REPO_ROOT, wait_until
-from tests.redis_server import free_port
+from testing.processes import REPO_ROOT, wait_until
+from testing.redis_server import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -54,8 +54,8 @@ import redis
 from dae.jobs import TRAIN_QUEUE
 from dae.spec import ModelCard
 from dae.store import ModelStore, new_model_id
-from tests.e2e.gateway_process import GatewayProcess
-from tests.processes import CeleryWorker, wait_until
+from testing.gateway import GatewayProcess
+from testing.processes import CeleryWorker, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -19,7 +19,7 @@ from service.config import Settings
 from service.main import create_app
 from service.metrics import GatewayMetrics
 from service.openapi import openapi_yaml
-from tests.service.conftest import png_base64
+from tests.service.tiny_models import png_base64
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -227,7 +227,7 @@ def test_every_operation_is_documented_with_a_stable_id():
 
 
 def test_the_json_examples_of_the_docs_are_accepted(client, store, tiny_models):
-    from tests.service.conftest import publish_tiny_model
+    from tests.service.tiny_models import publish_tiny_model
 
     schema = client.get("/openapi.json").json()
     job_example = schema["components"]["schemas"]["TrainingSpec"]["examples"][0]

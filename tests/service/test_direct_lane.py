@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 
 from service.config import Settings
 from service.main import create_app
-from tests.service.conftest import png_base64, png_bytes
+from tests.service.tiny_models import png_base64, png_bytes
 
 IMAGE = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
 API_KEY = "lane-test-key"

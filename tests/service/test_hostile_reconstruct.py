@@ -34,8 +34,8 @@ from service.config import Settings
 from service.images import float32_base64
 from service.inference import TRIM_DELAY_S
 from service.main import create_app
-from tests.e2e.gateway_process import GatewayProcess
-from tests.service.conftest import TinyModel, png_base64, publish_tiny_model
+from testing.gateway import GatewayProcess
+from tests.service.tiny_models import TinyModel, png_base64, publish_tiny_model
 
 RNG = np.random.default_rng(12)
 MIB = 1024 * 1024

@@ -12,7 +12,7 @@ import pytest
 from dae.errors import InvalidImage, ModelNotFound, Overloaded, PayloadTooLarge
 from dae.store import ModelStore
 from service.inference import InferenceEngine
-from tests.service.conftest import TinyModel, publish_tiny_model, run_onnx
+from tests.service.tiny_models import TinyModel, publish_tiny_model, run_onnx
 
 RNG = np.random.default_rng(1)
 

@@ -19,8 +19,7 @@ from dae.store import ModelStore
 from service.config import Settings
 from service.deps import get_producer
 from service.main import create_app, make_producer
-
-SPEC = {"name": "digits-demo", "dataset": "digits", "epochs": 2, "architecture": {"type": "dense", "hidden_units": [16]}}
+from tests.service.job_requests import SPEC, parse_sse
 
 
 def queued_messages(client: redis.Redis, job_id: str) -> list[dict]:
@@ -154,22 +153,6 @@ def test_cancel_is_idempotent_and_409_for_finished_jobs(client, settings):
     response = client.delete(f"/jobs/{finished}")
     assert response.status_code == 409
     assert "already finished" in response.json()["detail"]
-
-
-def parse_sse(text: str) -> list[dict]:
-    """Server-Sent Events as dicts with id, event and the decoded data (comments skipped)."""
-    events = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        fields: dict = {}
-        for line in block.split("\n"):
-            if not line or line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            fields[name] = value[1:] if value.startswith(" ") else value
-        if "data" in fields:
-            fields["data"] = json.loads(fields["data"])
-            events.append(fields)
-    return events
 
 
 def test_events_replay_every_epoch_and_end_with_the_final_state(client, settings):

@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from dae.store import ModelStore
 from service.config import Settings
 from service.main import create_app
-from tests.dae.test_data import empty_members_zip, npz_bomb
-from tests.service.conftest import png_base64, png_bytes, publish_tiny_model
+from tests.hostile_payloads import empty_members_zip, npz_bomb
+from tests.service.tiny_models import png_base64, png_bytes, publish_tiny_model
 
 # ---------------------------------------------------------------------------------------------
 # Models

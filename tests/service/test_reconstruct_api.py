@@ -16,7 +16,7 @@ from service.config import Settings
 from service.images import float32_base64
 from service.main import create_app
 from service.routes.reconstruct import EXAMPLE_PNG_8X8, ReconstructResponse
-from tests.service.conftest import png_base64, png_bytes, run_onnx
+from tests.service.tiny_models import png_base64, png_bytes, run_onnx
 
 RNG = np.random.default_rng(7)
 
@@ -227,7 +227,7 @@ def test_multipart_upload_with_optional_noise(client, dense_card, tiny_models):
 
 
 def test_the_swagger_example_works_against_a_dense_digits_model(client, store, tiny_models):
-    from tests.service.conftest import publish_tiny_model
+    from tests.service.tiny_models import publish_tiny_model
 
     publish_tiny_model(store, tiny_models["dense"], "digits-demo")
     response = client.post("/reconstruct", json={"model": "digits-demo", "image": EXAMPLE_PNG_8X8})
@@ -286,7 +286,7 @@ def test_truncated_png_wrong_shapes_and_unknown_models(client, dense_card):
 
 
 def test_limits_on_image_side_and_batch_size_are_413(settings, store, tiny_models):
-    from tests.service.conftest import publish_tiny_model
+    from tests.service.tiny_models import publish_tiny_model
 
     publish_tiny_model(store, tiny_models["conv"], "conv-test")
     limited = Settings(**{**settings.model_dump(), "max_image_side": 16, "max_batch_images": 3})
@@ -305,7 +305,7 @@ def test_limits_on_image_side_and_batch_size_are_413(settings, store, tiny_model
 
 
 def test_concurrent_requests_are_micro_batched(settings, store, tiny_models):
-    from tests.service.conftest import publish_tiny_model
+    from tests.service.tiny_models import publish_tiny_model
 
     publish_tiny_model(store, tiny_models["dense"], "dense-test")
     slow_window = Settings(**{**settings.model_dump(), "inference_batch_timeout_ms": 200.0})
@@ -334,7 +334,7 @@ def test_concurrent_requests_are_micro_batched(settings, store, tiny_models):
 
 
 def test_a_full_queue_answers_503_with_retry_after(settings, store, tiny_models):
-    from tests.service.conftest import publish_tiny_model
+    from tests.service.tiny_models import publish_tiny_model
 
     publish_tiny_model(store, tiny_models["dense"], "dense-test")
     tight = Settings(**{**settings.model_dump(), "inference_queue_max_values": 64, "retry_after_s": 2})  # one 8x8

@@ -25,10 +25,10 @@ from service.config import Settings
 from service.deps import job_store_unavailable_message
 from service.main import create_app
 from service.routes.health import CachedCheck
-from tests.e2e.gateway_process import GatewayProcess
-from tests.redis_server import RedisServer, free_port
-from tests.service.conftest import TinyModel, publish_tiny_model
-from tests.service.test_jobs_api import SPEC, parse_sse
+from testing.gateway import GatewayProcess
+from testing.redis_server import RedisServer, free_port
+from tests.service.job_requests import SPEC, parse_sse
+from tests.service.tiny_models import TinyModel, publish_tiny_model
 
 #: The issue's bound for an answer during an outage; the gateway's own budget is ~2 s (service/main.py).
 OUTAGE_ANSWER_S = 5.0

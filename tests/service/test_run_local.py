@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.redis_server import free_port
+from testing.redis_server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: Celery's line once a worker consumes ("worker-123.1@host ready."), one per start.

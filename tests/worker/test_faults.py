@@ -23,9 +23,9 @@ from celery import Celery
 from dae.jobs import JobStore
 from dae.spec import JobRecord, JobState, TrainingSpec
 from dae.store import ModelStore
-from tests.e2e.gateway_process import GatewayProcess
-from tests.processes import CeleryWorker, enqueue, make_producer, wait_until
-from tests.redis_server import RedisServer
+from testing.gateway import GatewayProcess
+from testing.processes import CeleryWorker, enqueue, make_producer, wait_until
+from testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
 

@@ -16,8 +16,8 @@ from celery import Celery
 from dae.jobs import TRAIN_QUEUE, JobStore
 from dae.spec import JobState, TrainingSpec
 from dae.store import ModelStore
-from tests.processes import enqueue, make_producer
-from tests.redis_server import RedisServer
+from testing.processes import enqueue, make_producer
+from testing.redis_server import RedisServer
 from worker.reaper import Reaper, _job_id_of
 
 

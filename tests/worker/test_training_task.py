@@ -19,7 +19,7 @@ from celery import Celery
 from dae.jobs import JobStore
 from dae.spec import JobRecord, JobState, TrainingSpec
 from dae.store import ModelStore
-from tests.processes import CeleryWorker, enqueue, make_producer, wait_until
+from testing.processes import CeleryWorker, enqueue, make_producer, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.processes import REPO_ROOT, wait_until
-from tests.redis_server import free_port
+from testing.processes import REPO_ROOT, wait_until
+from testing.redis_server import free_port
 
 
 class GatewayProcess:
