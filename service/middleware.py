@@ -14,10 +14,13 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.docs import DOCS_ASSETS_PATH
 from service.metrics import OTHER, GatewayMetrics
 
 #: Paths that never need an API key: probes, metrics and the documentation.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+#: Path prefixes that never need one: the documentation pages' JavaScript, CSS and icon (service.docs).
+OPEN_PATH_PREFIXES = (DOCS_ASSETS_PATH + "/",)
 
 
 def raw_header(scope: Scope, name: bytes) -> str | None:
@@ -82,7 +85,8 @@ class ApiKeyMiddleware:
         self.api_keys = [key.encode() for key in api_keys]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.api_keys or scope["path"] in OPEN_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not self.api_keys or path in OPEN_PATHS or path.startswith(OPEN_PATH_PREFIXES):
             await self.app(scope, receive, send)
             return
         presented = raw_header(scope, b"x-api-key")
