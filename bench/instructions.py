@@ -32,7 +32,7 @@ import httpx
 
 from bench.harness import UvicornServer, _read_response
 from bench.serve import COMPACT_QUERY, HEADLINE_CONCURRENCY, LEAN_QUERY, make_bodies, train_models
-from dae.store import ModelStore
+from core.store import ModelStore
 from testing.redis_server import RedisServer
 
 TARGET_SHARE_OF_CEILING = 0.40

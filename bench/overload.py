@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bench.harness import UvicornServer, load_average, process_memory_mib, verdict
 from bench.serve import make_bodies, train_models
-from dae.store import ModelStore
+from core.store import ModelStore
 from testing.redis_server import RedisServer
 
 #: Counts every status and whether each 503 said when to retry; prints one JSON line at the end.

@@ -47,7 +47,7 @@ import redis
 
 from bench.harness import UvicornServer, format_table, load_average, verdict
 from bench.interference import OtherProcessesCpu
-from dae.jobs import JobStore
+from core.jobs import JobStore
 from dae.spec import JobRecord, TrainingSpec
 from testing.processes import CeleryWorker
 from testing.redis_server import RedisServer

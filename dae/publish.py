@@ -1,8 +1,8 @@
 """Turn a finished training run into a published model: artifacts, evaluation, model card, atomic publish.
 
 Everything is written into a private staging directory of the store first: model.keras, model.onnx (exported and
-verified against Keras; ExportFailed publishes nothing), history.png, samples.png, and finally card.json via
-ModelStore.publish_model, which renames the directory into models/<id> in one step. The evaluation table is computed
+verified against Keras; ExportFailed publishes nothing), history.png, samples.png, and finally card.json via the
+store's publish_model (core.store.ModelStore), which renames the directory into models/<id> in one step. The evaluation table is computed
 with the verified ONNX file, i.e. with exactly the artifact the gateway serves; its model-independent rows (noisy,
 TV, NL-means) are computed meanwhile, in dae.reference's helper process when the worker started one.
 
@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -28,7 +28,6 @@ from dae.metrics import evaluate_denoiser, noise_label, psnr_per_image, select_t
 from dae.noise import add_noise
 from dae.reference import reference_rows_later
 from dae.spec import EpochMetrics, ModelCard, NoiseSpec, TrainingSpec
-from dae.store import ModelStore, model_id_for_job, new_model_id
 
 if TYPE_CHECKING:
     from dae.training import TrainingResult
@@ -44,6 +43,18 @@ _LIBRARIES = {
     "numpy": "numpy",
     "scikit-image": "scikit-image",
 }
+
+
+class ModelPublisher(Protocol):
+    """Where a model is staged and published (core.store.ModelStore is one)."""
+
+    def staging_dir(self) -> Path: ...
+
+    def discard_staging(self, staging: Path) -> None: ...
+
+    def reserve_version(self, name: str) -> int: ...
+
+    def publish_model(self, staging: Path, card: ModelCard) -> ModelCard: ...
 
 
 def default_model_name(spec: TrainingSpec) -> str:
@@ -65,12 +76,12 @@ def library_versions() -> dict[str, str]:
 
 
 def publish_training_result(
-    result: TrainingResult, spec: TrainingSpec, store: ModelStore, *, job_id: str | None = None,
+    result: TrainingResult, spec: TrainingSpec, store: ModelPublisher, *, model_id: str, job_id: str | None = None,
     before_publish: Callable[[], None] | None = None,
 ) -> ModelCard:
-    """Write all artifacts of a training run into the store and publish its model card; returns the card.
+    """Write all artifacts of a training run into the store and publish its model card as `model_id`; returns it.
 
-    A job's model gets the job's own id (dae.store.model_id_for_job), so one job never publishes two models.
+    A worker passes the id derived from the job (core.store.model_id_for_job), so one job never publishes two models.
     `before_publish` runs right before the model becomes visible (a worker checks it still owns the job there).
 
     Raises ExportFailed (nothing published, no version used) when the ONNX file does not match the Keras model.
@@ -113,7 +124,7 @@ def publish_training_result(
         is_conv = spec.architecture.type == "conv"
         height, width, channels = data.image_shape
         card = ModelCard(
-            id=model_id_for_job(job_id) if job_id is not None else new_model_id(),
+            id=model_id,
             name=name,
             version=version,
             job_id=job_id,

@@ -7,6 +7,7 @@ receives them as JSON. One name per concept across code, JSON and openapi.yaml.
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -21,6 +22,13 @@ MAX_BATCH_SIZE = 4096
 MAX_RUNTIME_S = 24 * 3600
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+#: An uploaded dataset's id: "ds_" + 12 hex characters.
+DATASET_ID_PATTERN = r"^ds_[0-9a-f]{12}$"
+
+
+def is_dataset_id(value: str) -> bool:
+    """True when `value` has the shape of an uploaded dataset id (it may still not exist)."""
+    return isinstance(value, str) and re.fullmatch(DATASET_ID_PATTERN, value) is not None
 
 
 class _Strict(BaseModel):

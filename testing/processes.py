@@ -25,7 +25,7 @@ from pathlib import Path
 
 from celery import Celery
 
-from dae.jobs import TRAIN_QUEUE, enqueue_training
+from core.queue import TRAIN_QUEUE, enqueue_training
 from dae.spec import JobRecord
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

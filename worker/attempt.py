@@ -16,7 +16,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
 
-from dae.jobs import JobLease, JobStore, LeaseLost, is_redis_outage
+from core.attempts import AttemptStore
+from core.jobs import is_redis_outage
+from core.leases import JobLease, LeaseLost
 from dae.spec import EpochMetrics
 
 logger = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ def retry_through_outages(call: Callable[[], _T], *, what: str, deadline_s: floa
 class AttemptMonitor:
     """The background thread of one attempt: lease renewal, cancel polling and fenced, ordered epoch writes."""
 
-    def __init__(self, jobs: JobStore, lease: JobLease, *, renew_s: float, shutdown: threading.Event,
+    def __init__(self, jobs: AttemptStore, lease: JobLease, *, renew_s: float, shutdown: threading.Event,
                  cancel_poll_s: float = CANCEL_POLL_S) -> None:
         if not 0 < renew_s < lease.ttl_ms / 1000:
             raise ValueError(f"The lease must be renewed before it expires. Expected 0 < renew_s < ttl_s. "

@@ -22,7 +22,7 @@ Why these settings:
 - Graceful stop (SIGTERM, `docker compose stop`, a deploy): the main process relays SIGTERM to the pool children
   running jobs; each stops at the next batch and hands its job off (checkpoint kept, lease released, message sent
   again), so another worker resumes it within seconds and the 60 s grace period is enough.
-- Time limits come with each message (`dae.jobs.task_time_limits(spec)`, from the job's `max_runtime_s`); the
+- Time limits come with each message (`core.jobs.task_time_limits(spec)`, from the job's `max_runtime_s`); the
   app-wide defaults are those of the largest allowed job, as a backstop for a sender that omits them.
 - `worker_max_tasks_per_child` (`DAE_MAX_TASKS_PER_CHILD`, default 1): TensorFlow does not give memory back to
   the OS, so a fresh child per job keeps a worker's footprint flat. Each fresh child pays the TensorFlow import
@@ -57,9 +57,9 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutting_down
 
-from dae.jobs import MAX_TASK_TIME_S, TASK_OVERHEAD_S, TRAIN_QUEUE, TRAIN_TASK_NAME
+from core.queue import MAX_TASK_TIME_S, TASK_OVERHEAD_S, TRAIN_QUEUE, TRAIN_TASK_NAME
+from core.store import ModelStore
 from dae.spec import MAX_RUNTIME_S
-from dae.store import ModelStore
 from worker.config import WorkerSettings, get_settings
 from worker.reaper import UNACKED_INDEX_KEY, UNACKED_KEY, start_reaper
 
@@ -183,7 +183,7 @@ _reaper_stop: threading.Event | None = None
 def _start_reaper_and_clean_up(**_: Any) -> None:
     """worker_ready handler (main process): clean what cut-short publishes left, then start the reaper."""
     global _reaper_stop
-    from worker.tasks import job_store  # noqa: PLC0415 - worker.tasks imports this module
+    from worker.tasks import train  # noqa: PLC0415 - worker.tasks imports this module
 
     settings = get_settings()
     store = ModelStore(settings.store_dir)
@@ -193,7 +193,7 @@ def _start_reaper_and_clean_up(**_: Any) -> None:
             logger.warning("removed %d staging/trash directories left by interrupted publishes", removed)
     except OSError:
         logger.exception("could not clean the store's tmp/ directory")
-    _reaper_stop = start_reaper(job_store(settings), app, store, interval_s=settings.reaper_interval_s,
+    _reaper_stop = start_reaper(train.jobs, app, store, interval_s=settings.reaper_interval_s,
                                 requeue_queued_after_s=settings.requeue_queued_after_s)
     logger.info("reaper started (every %.0f s)", settings.reaper_interval_s)
 

@@ -3,38 +3,16 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
-from pydantic import Field, RedisDsn, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, model_validator
 
-from dae.jobs import DEFAULT_LEASE_RENEW_S, DEFAULT_LEASE_TTL_S, DEFAULT_RETENTION_DAYS, MAX_TASK_TIME_S
-
-#: Default broker visibility timeout: the longest possible task (hard limit of a job with the largest
-#: allowed max_runtime_s, dae.jobs.MAX_TASK_TIME_S ≈ 24.2 h) plus an hour. The Redis transport redelivers a
-#: message that stayed unacknowledged this long; with acks_late a task is acknowledged only when it ends, so
-#: a shorter timeout would hand a healthy long job to a second worker while it still runs. It is only the last
-#: resort: lost jobs come back through their expired lease and the reaper (worker/reaper.py) within a minute.
-DEFAULT_VISIBILITY_TIMEOUT_S = int(MAX_TASK_TIME_S + 3600)
+from core.leases import DEFAULT_LEASE_RENEW_S, DEFAULT_LEASE_TTL_S
+from core.settings import SharedSettings
 
 
-class WorkerSettings(BaseSettings):
+class WorkerSettings(SharedSettings):
     """Everything a worker can be configured with; each field maps to `DAE_<FIELD NAME>`."""
 
-    model_config = SettingsConfigDict(env_prefix="DAE_", extra="ignore", frozen=True)
-
-    redis_url: RedisDsn = Field(
-        RedisDsn("redis://127.0.0.1:6379/0"), description="Redis: Celery broker, job records, events and locks."
-    )
-    store_dir: Path = Field(Path("./var/store"), description="The model store shared with the gateway.")
-    visibility_timeout_s: float = Field(
-        DEFAULT_VISIBILITY_TIMEOUT_S,
-        gt=0,
-        description=(
-            "Seconds an unacknowledged message waits before the broker redelivers it (after a lost worker). "
-            "Must exceed the longest job; tests use a few seconds to see a redelivery quickly."
-        ),
-    )
     unacked_restore_interval_s: float = Field(
         60.0,
         gt=0,
@@ -64,9 +42,6 @@ class WorkerSettings(BaseSettings):
     )
     max_attempts: int = Field(
         3, ge=1, le=100, description="Attempts whose worker process died (killed, out of memory) before the job fails."
-    )
-    job_retention_days: float = Field(
-        DEFAULT_RETENTION_DAYS, gt=0, description="Days a finished job's record and event stream are kept in Redis."
     )
 
     @model_validator(mode="after")

@@ -32,9 +32,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from dae.jobs import TRAIN_QUEUE, TRAIN_TASK_NAME, JobStore, enqueue_training, is_redis_outage
+from core.attempts import AttemptStore
+from core.checkpoints import CheckpointStore
+from core.jobs import is_redis_outage
+from core.queue import TRAIN_QUEUE, TRAIN_TASK_NAME, enqueue_training
+from core.store import ModelStore
 from dae.spec import JobState
-from dae.store import ModelStore
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +75,7 @@ def _job_id_of(raw_message: bytes | str | dict[str, Any]) -> str | None:
 class Reaper:
     """One sweep at a time over the unfinished jobs; `run()` loops until stopped."""
 
-    def __init__(self, jobs: JobStore, producer: Any, store: ModelStore, *, interval_s: float,
+    def __init__(self, jobs: AttemptStore, producer: Any, store: ModelStore, *, interval_s: float,
                  requeue_queued_after_s: float, queue: str = TRAIN_QUEUE) -> None:
         self.jobs, self.producer, self.store = jobs, producer, store
         self.interval_s = interval_s
@@ -138,7 +141,7 @@ class Reaper:
         if record.state == JobState.cancelling:
             finished = self.jobs.finish_abandoned_cancel(record.id)
             if finished is not None and finished.state == JobState.cancelled:
-                self.store.delete_checkpoint(record.id)
+                CheckpointStore(self.store.root).delete(record.id)
                 report.cancelled.append(record.id)
             return
         enqueue_training(self.producer, record)
@@ -158,7 +161,7 @@ class Reaper:
     def _delivery_times(self) -> dict[str, float]:
         """Job id → when a worker last took its message (still unacknowledged)."""
         client = self.jobs.client
-        tags = client.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)
+        tags: list[tuple[bytes, float]] = client.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)  # type: ignore[assignment]
         if not tags:
             return {}
         entries = client.hmget(UNACKED_KEY, [tag for tag, _score in tags])
@@ -175,7 +178,7 @@ class Reaper:
         return times
 
 
-def start_reaper(jobs: JobStore, producer: Any, store: ModelStore, *, interval_s: float,
+def start_reaper(jobs: AttemptStore, producer: Any, store: ModelStore, *, interval_s: float,
                  requeue_queued_after_s: float) -> threading.Event:
     """Start the reaper in a daemon thread; set the returned event to stop it."""
     stop = threading.Event()

@@ -1,12 +1,12 @@
 """The training task `dae.train(job_id)`: a thin shell around dae.training and dae.publish.
 
 One attempt, in order:
-1. `JobStore.start_attempt` takes the job's lease and marks it running in one transaction (attempt number =
+1. `AttemptStore.start_attempt` takes the job's lease and marks it running in one transaction (attempt number =
    fencing token). A finished job, or one whose lease a live attempt holds (a duplicate message), is left alone
    and the message acknowledged: a job without a live attempt is the reaper's to re-enqueue (worker/reaper.py),
    so no message has to be kept around. A record still `running` without a lease means the previous attempt's
    process died: it counts as a lost attempt, and after DAE_MAX_ATTEMPTS of them the job fails.
-2. An earlier attempt may have published the model before dying (one id per job: dae.store.model_id_for_job);
+2. An earlier attempt may have published the model before dying (one id per job: core.store.model_id_for_job);
    then the job is marked succeeded with it instead of training again.
 3. fit_autoencoder writes this attempt's checkpoints into its own directory and resumes from the furthest
    checkpoint any earlier attempt left. The training loop never touches Redis: worker/attempt.py's monitor
@@ -29,17 +29,24 @@ import re
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import redis
-from billiard.einfo import ExceptionWithTraceback
+from billiard.einfo import ExceptionWithTraceback  # type: ignore[attr-defined]  # present, missing from the stubs
 from billiard.exceptions import WorkerLostError
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.worker.request import Request
 
+from core.attempts import ATTEMPT_BUSY, ATTEMPT_CANCELLED, ATTEMPT_FAILED, ATTEMPT_SKIPPED, AttemptStore
+from core.checkpoints import CheckpointStore
+from core.datasets import DatasetStore
+from core.jobs import is_redis_outage
+from core.leases import JobLease, LeaseLost
+from core.queue import TASK_OVERHEAD_S, TRAIN_TASK_NAME, enqueue_training, task_time_limits
+from core.store import ModelStore, model_id_for_job
 from dae.errors import (
     Conflict,
     DaeError,
@@ -52,27 +59,13 @@ from dae.errors import (
     ModelNotFound,
     TrainingFailed,
 )
-from dae.jobs import (
-    ATTEMPT_BUSY,
-    ATTEMPT_CANCELLED,
-    ATTEMPT_FAILED,
-    ATTEMPT_SKIPPED,
-    TASK_OVERHEAD_S,
-    TRAIN_TASK_NAME,
-    JobLease,
-    JobStore,
-    LeaseLost,
-    enqueue_training,
-    is_redis_outage,
-    task_time_limits,
-)
 from dae.spec import JobRecord, TrainingSpec
-from dae.store import ModelStore, model_id_for_job
 from worker.attempt import AttemptMonitor, retry_through_outages
 from worker.celery_app import app
 from worker.config import WorkerSettings, get_settings
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: Outcomes `run_job` returns (also the task's return value, visible in the worker log).
 SUCCEEDED, FAILED, CANCELLED, SKIPPED, BUSY = "succeeded", "failed", "cancelled", "skipped", "busy"
@@ -83,18 +76,6 @@ REDIS_WAIT_S = 600.0
 
 #: Set in a pool child when its worker shuts down (SIGTERM relayed by the main process): stop at the next batch.
 shutdown_requested = threading.Event()
-
-_job_store: tuple[int, JobStore] | None = None
-
-
-def job_store(settings: WorkerSettings) -> JobStore:
-    """This process's JobStore; created after the fork (a Redis connection is never shared across processes)."""
-    global _job_store
-    if _job_store is None or _job_store[0] != os.getpid():
-        client = redis.Redis.from_url(str(settings.redis_url), socket_connect_timeout=2, socket_timeout=10)
-        _job_store = (os.getpid(), JobStore(client, retention_s=settings.job_retention_days * 86400))
-    return _job_store[1]
-
 
 def worker_identity(pid: int | None = None) -> str:
     """Host name and pid of a process of this host (default: this one), as leases and job records hold it."""
@@ -117,7 +98,7 @@ class TrainRequest(Request):
     """The main process's view of one delivery: when the pool child running it dies, note how and free its lease.
 
     Celery then requeues the message (task_reject_on_worker_lost) and the next attempt starts at once, counting
-    the death (JobStore.start_attempt), instead of waiting for the lease to expire.
+    the death (AttemptStore.start_attempt), instead of waiting for the lease to expire.
     """
 
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
@@ -127,8 +108,8 @@ class TrainRequest(Request):
         if isinstance(error, WorkerLostError | SystemExit) and self.args and self.worker_pid:
             job_id = self.args[0]
             try:
-                freed = job_store(get_settings()).record_lost_process(
-                    job_id, owner=worker_identity(self.worker_pid), exit_note=exit_note(error)
+                freed = cast(TrainTask, self.task).jobs.record_lost_process(
+                    job_id, owner=worker_identity(int(self.worker_pid)), exit_note=exit_note(error)
                 )
                 logger.warning("job %s: pool child %s died (%s); lease %s", job_id, self.worker_pid,
                                exit_note(error), "freed" if freed else "not held by it")
@@ -137,10 +118,21 @@ class TrainRequest(Request):
         super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
 
-class TrainTask(Task):
-    """Task base: records a hard time-limit kill, which happens after the child is gone (in the main process)."""
+class TrainTask(Task):  # type: ignore[type-arg]  # Celery's Task is not subscriptable at run time
+    """Task base (Celery's task guide): holds this process's job store and records a hard time-limit kill, which
+    happens after the child is gone (in the main process)."""
 
-    Request = TrainRequest
+    Request = "worker.tasks:TrainRequest"  # Celery resolves the path when it builds the request
+    _jobs: tuple[int, AttemptStore] | None = None
+
+    @property
+    def jobs(self) -> AttemptStore:
+        """This process's job store; made after the fork (a Redis connection is never shared across processes)."""
+        if self._jobs is None or self._jobs[0] != os.getpid():
+            settings = get_settings()
+            client = redis.Redis.from_url(str(settings.redis_url), socket_connect_timeout=2, socket_timeout=10)
+            self._jobs = (os.getpid(), AttemptStore(client, retention_s=settings.job_retention_days * 86400))
+        return self._jobs[1]
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """Mark the job failed when the child was killed at the hard time limit (nothing else can)."""
@@ -148,7 +140,7 @@ class TrainTask(Task):
             return
         job_id = args[0]
         try:
-            jobs = job_store(get_settings())
+            jobs = self.jobs
             record = jobs.get(job_id)
             if not record.state.is_terminal:
                 jobs.mark_failed(job_id, time_limit_reason(record.spec, hard=True))
@@ -158,14 +150,13 @@ class TrainTask(Task):
 
 @app.task(bind=True, base=TrainTask, name=TRAIN_TASK_NAME, max_retries=None, acks_late=True,
           reject_on_worker_lost=True, ignore_result=True)
-def train(self: Task, job_id: str) -> str:
+def train(self: TrainTask, job_id: str) -> str:
     """Train the model of job `job_id` and publish it; the job record holds the outcome."""
     settings = get_settings()
-    return run_job(job_id, settings=settings, jobs=job_store(settings), store=ModelStore(settings.store_dir),
-                   producer=self.app)
+    return run_job(job_id, settings=settings, jobs=self.jobs, store=ModelStore(settings.store_dir), producer=self.app)
 
 
-def run_job(job_id: str, *, settings: WorkerSettings, jobs: JobStore, store: ModelStore, producer: Any = None,
+def run_job(job_id: str, *, settings: WorkerSettings, jobs: AttemptStore, store: ModelStore, producer: Any = None,
             shutdown: threading.Event = shutdown_requested) -> str:
     """One attempt at a job (see the module docstring); returns one of the outcome constants."""
     lease = jobs.lease(job_id, owner=worker_identity(), ttl_s=settings.lease_ttl_s)
@@ -185,7 +176,7 @@ def run_job(job_id: str, *, settings: WorkerSettings, jobs: JobStore, store: Mod
         return BUSY
     if outcome in (ATTEMPT_CANCELLED, ATTEMPT_FAILED):
         logger.warning("job %s: %s when taken over (%s)", job_id, record.state.value, record.failure_reason or "")
-        store.delete_checkpoint(job_id)  # its final state is recorded
+        CheckpointStore(store.root).delete(job_id)  # its final state is recorded
         return CANCELLED if outcome == ATTEMPT_CANCELLED else FAILED
     logger.info("job %s: attempt %d on %s", job_id, record.attempts, record.worker)
     monitor = AttemptMonitor(jobs, lease, renew_s=settings.lease_renew_s, shutdown=shutdown).start()
@@ -205,36 +196,37 @@ def run_job(job_id: str, *, settings: WorkerSettings, jobs: JobStore, store: Mod
         monitor.close()
 
 
-def _finish(call: Any, what: str) -> JobRecord:
+def _finish(call: Callable[[], _T], what: str) -> _T:
     """A final write, retried through Redis outages (LeaseLost and other errors propagate)."""
     return retry_through_outages(call, what=what, deadline_s=REDIS_WAIT_S)
 
 
-def _run_attempt(record: JobRecord, *, jobs: JobStore, store: ModelStore, lease: JobLease, monitor: AttemptMonitor,
+def _run_attempt(record: JobRecord, *, jobs: AttemptStore, store: ModelStore, lease: JobLease, monitor: AttemptMonitor,
                  producer: Any) -> str:
     job_id, spec = record.id, record.spec
+    checkpoints = CheckpointStore(store.root)
     published = _published_card(store, job_id)
     if published is not None:
         logger.warning("job %s had already published model %s; not training again", job_id, published.id)
         _finish(lambda: jobs.mark_succeeded(job_id, model_id=published.id, history=published.history,
                                             stop_reason=published.stop_reason, lease=lease), "record the success")
-        store.delete_checkpoint(job_id)
+        checkpoints.delete(job_id)
         return SUCCEEDED
 
     resumed_from: int | None = None
     try:
         from dae.training import TrainingHooks, fit_autoencoder, furthest_checkpoint  # TensorFlow loads here
 
-        earlier = [store.checkpoint_dir(job_id)] + [
-            store.checkpoint_dir(job_id) / str(attempt) for attempt in range(1, lease.attempt)
+        earlier = [checkpoints.job_dir(job_id)] + [
+            checkpoints.job_dir(job_id) / str(attempt) for attempt in range(1, lease.attempt)
         ]
         hooks = TrainingHooks(
             on_epoch=monitor.report_epoch,
             should_cancel=monitor.should_stop,
-            checkpoint_dir=store.attempt_checkpoint_dir(job_id, lease.attempt),
+            checkpoint_dir=checkpoints.attempt_dir(job_id, lease.attempt),
             resume_dir=furthest_checkpoint(earlier),
         )
-        result = fit_autoencoder(spec, store=store, hooks=hooks)
+        result = fit_autoencoder(spec, store=DatasetStore(store.root), hooks=hooks)
         resumed_from = result.resumed_from_epoch
         if not monitor.flush(REDIS_WAIT_S) or monitor.lost.is_set():
             raise LeaseLost(f"job {job_id}: the epochs could not be written under this attempt's lease")
@@ -245,7 +237,7 @@ def _run_attempt(record: JobRecord, *, jobs: JobStore, store: ModelStore, lease:
                 return _hand_off(record, jobs=jobs, lease=lease, producer=producer, history=result.history)
             _finish(lambda: jobs.mark_cancelled(job_id, history=result.history, resumed_from_epoch=resumed_from,
                                                 lease=lease), "record the cancel")
-            store.delete_checkpoint(job_id)
+            checkpoints.delete(job_id)
             logger.info("job %s cancelled after epoch %d", job_id, result.epochs_completed)
             return CANCELLED
 
@@ -255,11 +247,11 @@ def _run_attempt(record: JobRecord, *, jobs: JobStore, store: ModelStore, lease:
             # Fenced: a stale attempt raises LeaseLost here and publishes nothing.
             _finish(lambda: jobs.set_resumed_from(job_id, resumed_from, lease=lease), "check the lease")
 
-        card = publish_training_result(result, spec, store, job_id=job_id, before_publish=still_ours)
+        card = publish_training_result(result, spec, store, model_id=model_id_for_job(job_id), job_id=job_id, before_publish=still_ours)
         _finish(lambda: jobs.mark_succeeded(job_id, model_id=card.id, history=result.history,
                                             stop_reason=result.stop_reason, resumed_from_epoch=resumed_from,
                                             lease=lease), "record the success")
-        store.delete_checkpoint(job_id)
+        checkpoints.delete(job_id)
         logger.info("job %s succeeded: model %s (%s v%d)", job_id, card.id, card.name, card.version)
         return SUCCEEDED
     except (LeaseLost, Conflict) as error:  # Conflict: another attempt published or finished the job meanwhile
@@ -275,11 +267,11 @@ def _run_attempt(record: JobRecord, *, jobs: JobStore, store: ModelStore, lease:
         except Conflict:  # finished meanwhile (e.g. the failure came after the model was recorded)
             logger.warning("job %s already finished; not recording this failure", job_id)
             return FAILED
-        store.delete_checkpoint(job_id)  # a failed job never resumes; its final state is recorded
+        checkpoints.delete(job_id)  # a failed job never resumes; its final state is recorded
         return FAILED
 
 
-def _hand_off(record: JobRecord, *, jobs: JobStore, lease: JobLease, producer: Any, history: list[Any]) -> str:
+def _hand_off(record: JobRecord, *, jobs: AttemptStore, lease: JobLease, producer: Any, history: list[Any]) -> str:
     """The worker is stopping: give the job back (retrying, lease released) and queue it again at once."""
     _finish(lambda: jobs.hand_off(record.id, lease, history=history), "hand the job off")
     try:

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.datasets import DatasetStore
 from dae import data
 from dae.errors import DatasetNotFound, DatasetUnavailable, InvalidDataset, PayloadTooLarge
-from dae.store import ModelStore, fingerprint_pixels
+from dae.fingerprints import fingerprint_pixels
 from tests.hostile_payloads import empty_members_zip, npz_bomb, png_with_header
 
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
@@ -94,7 +95,7 @@ def test_fashion_mnist_falls_back_to_store_cache_then_reports_unavailable(
 ) -> None:
     monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "no-such-dir")
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
-    store = ModelStore(store_dir)
+    store = DatasetStore(store_dir)
 
     # No IDX files, no cache, and a keras whose download fails (as on a machine without internet).
     def offline_load_data() -> None:
@@ -130,7 +131,7 @@ def test_mnist_is_online_only_with_a_clear_error(
         datasets=types.SimpleNamespace(mnist=types.SimpleNamespace(load_data=offline_load_data))
     )
     monkeypatch.setitem(sys.modules, "keras", fake_keras)
-    store = ModelStore(store_dir)
+    store = DatasetStore(store_dir)
     info = data.dataset_info("mnist", store)
     assert info.available is False and info.builtin and info.shape == [28, 28, 1]
     with pytest.raises(DatasetUnavailable, match=r"'mnist' needs a download.*network is unreachable"):
@@ -215,11 +216,11 @@ def test_upload_test_count(count: int, expected: int) -> None:
 
 
 def test_upload_split_is_seeded_and_disjoint(store_dir: Path) -> None:
-    store = ModelStore(store_dir)
+    store = DatasetStore(store_dir)
     images = (np.arange(50, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 1), dtype=np.uint8)).astype(
         np.float32
     ) / 255.0
-    info = store.save_dataset(images, filename="ramp.npz")
+    info = store.save(images, filename="ramp.npz")
     splits = data.load_dataset(info.id, store=store, seed=1)
     assert splits.train.shape == (45, 4, 4, 1) and splits.test.shape == (5, 4, 4, 1)
     train_ids = set(np.round(splits.train[:, 0, 0, 0] * 255).astype(int))
@@ -235,7 +236,7 @@ def test_upload_split_is_seeded_and_disjoint(store_dir: Path) -> None:
 
 
 def test_unknown_or_unsafe_dataset_ids(store_dir: Path) -> None:
-    store = ModelStore(store_dir)
+    store = DatasetStore(store_dir)
     for dataset_id in ("imagenet", "../etc/passwd", "ds_0123456789ab", "ds_../x"):
         with pytest.raises(DatasetNotFound):
             data.load_dataset(dataset_id, store=store)
@@ -246,11 +247,11 @@ def test_unknown_or_unsafe_dataset_ids(store_dir: Path) -> None:
 
 
 def test_dataset_info_and_listing_are_cheap_and_complete(store_dir: Path) -> None:
-    store = ModelStore(store_dir)
+    store = DatasetStore(store_dir)
     info = data.dataset_info("natural_patches", store)
     assert info.shape == [32, 32, 1] and info.count == 11 * 1024 + 3 * 128 and info.available
     assert data.dataset_info("digits").shape == [8, 8, 1]
-    upload = store.save_dataset(np.zeros((3, 5, 6, 3), dtype=np.float32), filename="zeros.npz")
+    upload = store.save(np.zeros((3, 5, 6, 3), dtype=np.float32), filename="zeros.npz")
     listed = data.list_datasets(store)
     assert [entry.id for entry in listed[:4]] == list(data.BUILTIN_DATASETS)
     assert listed[-1].id == upload.id and listed[-1].shape == [5, 6, 3] and not listed[-1].builtin

@@ -11,15 +11,15 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from core.store import ModelStore, model_id_for_job, new_model_id  # noqa: E402
 from dae import export  # noqa: E402
-from dae import train as train_cli  # noqa: E402
 from dae.data import load_dataset  # noqa: E402
 from dae.errors import ExportFailed  # noqa: E402
 from dae.models import build_autoencoder  # noqa: E402
 from dae.publish import publish_training_result  # noqa: E402
 from dae.spec import EpochMetrics, ModelCard, TrainingSpec  # noqa: E402
-from dae.store import ModelStore  # noqa: E402
 from dae.training import TrainingResult  # noqa: E402
+from worker import train_cli  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ARTIFACTS = ["card.json", "history.png", "model.keras", "model.onnx", "samples.png"]
@@ -55,7 +55,7 @@ def test_publish_writes_all_artifacts_and_a_complete_card(store_dir: Path, digit
     store = ModelStore(store_dir)
     spec = TrainingSpec(dataset="digits", architecture={"type": "conv", "filters": [4, 8]}, epochs=2, seed=3)
     result = hand_made_result(spec, digits)
-    card = publish_training_result(result, spec, store, job_id="j_0123456789abcdef")
+    card = publish_training_result(result, spec, store, model_id=model_id_for_job("j_0123456789abcdef"), job_id="j_0123456789abcdef")
 
     model_dir = store.models_dir / card.id
     assert sorted(os.listdir(model_dir)) == ARTIFACTS
@@ -97,7 +97,7 @@ def test_publish_dense_model_under_its_spec_name(store_dir: Path, digits) -> Non
     spec = TrainingSpec(
         name="tiny-dense", dataset="digits", architecture={"type": "dense", "hidden_units": [16], "latent_dim": 4}
     )
-    card = publish_training_result(hand_made_result(spec, digits), spec, store)
+    card = publish_training_result(hand_made_result(spec, digits), spec, store, model_id=new_model_id())
     assert (card.name, card.version, card.input_shape) == ("tiny-dense", 2, [8, 8, 1])
     assert store.read_card("tiny-dense").id == card.id
     assert [layer.layer for layer in card.sparsity.layers] == [
@@ -117,7 +117,7 @@ def test_failed_export_publishes_nothing(store_dir: Path, digits, monkeypatch: p
     original_reference = export._keras_reference
     monkeypatch.setattr(export, "_keras_reference", lambda model, images: original_reference(model, images) + 2e-4)
     with pytest.raises(ExportFailed, match="does not reproduce the Keras output"):
-        publish_training_result(hand_made_result(spec, digits), spec, store, job_id="j_00000000000000aa")
+        publish_training_result(hand_made_result(spec, digits), spec, store, model_id=model_id_for_job("j_00000000000000aa"), job_id="j_00000000000000aa")
     assert store.list_models() == ([], 0)
     assert not store.models_dir.exists() or os.listdir(store.models_dir) == []
     assert os.listdir(store.tmp_dir) == []  # the staging directory was removed

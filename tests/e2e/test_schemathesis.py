@@ -51,9 +51,9 @@ import numpy as np
 import pytest
 import redis
 
-from dae.jobs import TRAIN_QUEUE
+from core.queue import TRAIN_QUEUE
+from core.store import ModelStore, new_model_id
 from dae.spec import ModelCard
-from dae.store import ModelStore, new_model_id
 from testing.gateway import GatewayProcess
 from testing.processes import CeleryWorker, wait_until
 

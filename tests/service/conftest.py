@@ -12,9 +12,9 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from dae.jobs import TRAIN_QUEUE
+from core.queue import TRAIN_QUEUE
+from core.store import ModelStore
 from dae.spec import ModelCard
-from dae.store import ModelStore
 from service.config import Settings
 from service.main import create_app
 from tests.service.tiny_models import TinyModel, build_tiny_models, publish_tiny_model

@@ -13,9 +13,11 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from dae.jobs import TRAIN_QUEUE, TRAIN_TASK_NAME, JobStore, task_time_limits
+from core.attempts import AttemptStore
+from core.datasets import DatasetStore
+from core.queue import TRAIN_QUEUE, TRAIN_TASK_NAME, task_time_limits
+from core.store import ModelStore
 from dae.spec import EpochMetrics, JobState, TrainingSpec
-from dae.store import ModelStore
 from service.config import Settings
 from service.deps import get_producer
 from service.main import create_app, make_producer
@@ -128,8 +130,8 @@ def test_unknown_and_malformed_job_ids_are_404(client, job_id):
     assert client.get(f"/jobs/{job_id}/events").status_code == 404
 
 
-def _job_store(settings: Settings) -> JobStore:
-    return JobStore(redis.Redis.from_url(str(settings.redis_url)))
+def _job_store(settings: Settings) -> AttemptStore:
+    return AttemptStore(redis.Redis.from_url(str(settings.redis_url)))
 
 
 def _epoch(epoch: int) -> EpochMetrics:
@@ -208,7 +210,7 @@ def test_events_stream_live_progress_until_the_job_ends(client, settings):
 
 
 def test_jobs_on_an_uploaded_dataset_are_checked_against_its_shape(client, store: ModelStore):
-    info = store.save_dataset(np.random.default_rng(0).random((20, 4, 4, 1), dtype=np.float32), filename="x.npz")
+    info = DatasetStore(store.root).save(np.random.default_rng(0).random((20, 4, 4, 1), dtype=np.float32), filename="x.npz")
     too_deep = {**SPEC, "dataset": info.id, "architecture": {"type": "conv", "filters": [4, 4, 4]}}
     response = client.post("/jobs", json=too_deep)
     assert response.status_code == 422
@@ -265,7 +267,7 @@ def test_a_refused_send_with_a_key_stays_queued_and_the_retry_queues_it(client, 
 def test_a_job_created_without_a_message_is_sent_by_the_next_retry_of_its_key(client, settings, service_redis):
     # The crash between writing the record and sending it (gateway killed): the record exists, no message does.
     key = f"key-{time.time_ns()}"
-    jobs = JobStore(service_redis)
+    jobs = AttemptStore(service_redis)
     record, created = jobs.create(TrainingSpec.model_validate(SPEC), idempotency_key=key)
     assert created and jobs.needs_dispatch(record.id)
     response = client.post("/jobs", json=SPEC, headers={"Idempotency-Key": key})

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from dae.store import ModelStore
+from core.datasets import DatasetStore
+from core.store import ModelStore
 from service.config import Settings
 from service.main import create_app
 from tests.hostile_payloads import empty_members_zip, npz_bomb
@@ -143,7 +144,7 @@ def test_upload_over_the_body_limit_is_413(settings, store_dir):
         response = client.post("/datasets", files={"file": ("big.npz", big + b"\0" * 4096, "application/octet-stream")})
         assert response.status_code == 413
         assert "DAE_MAX_UPLOAD_MB" in response.json()["detail"]
-        assert ModelStore(store_dir).list_datasets() == []
+        assert DatasetStore(store_dir).list() == []
 
 
 def test_upload_over_the_image_count_limit_is_413(settings):
@@ -173,7 +174,7 @@ def upload(client: TestClient, filename: str, content: bytes):
 
 
 def stored_files(store: ModelStore) -> list[str]:
-    return sorted(os.listdir(store.datasets_dir)) if store.datasets_dir.exists() else []
+    return sorted(os.listdir(DatasetStore(store.root).directory)) if DatasetStore(store.root).directory.exists() else []
 
 
 def timed_upload(client: TestClient, filename: str, content: bytes) -> tuple[object, float]:
@@ -237,7 +238,7 @@ def test_the_store_size_limit_refuses_with_the_usage_and_writes_nothing(settings
     images = np.random.default_rng(0).integers(0, 256, (32, 16, 16), dtype=np.uint8)  # incompressible
     with TestClient(create_app(settings)) as client:
         assert upload(client, "first.npz", npz_bytes(images)).status_code == 201
-    used = store.datasets_bytes()
+    used = DatasetStore(store.root).total_bytes()
     assert 0 < used < images.nbytes + 4096  # stored compressed: no bigger than the raw bytes plus metadata
     # Room for half of another copy: the same upload cannot fit.
     capped = Settings(**{**settings.model_dump(), "max_store_datasets_gb": (used + used // 2) / 2**30})
@@ -258,7 +259,7 @@ def test_uploads_are_stored_compressed(client, store):
     images[:, 8:24, 8:24] = 200
     response = upload(client, "squares.npz", npz_bytes(images))
     assert response.status_code == 201, response.text
-    stored = store.datasets_dir / f"{response.json()['id']}.npz"
+    stored = DatasetStore(store.root).directory / f"{response.json()['id']}.npz"
     assert stored.stat().st_size < images.nbytes / 20
     with zipfile.ZipFile(stored) as archive:
         assert archive.infolist()[0].compress_type == zipfile.ZIP_DEFLATED

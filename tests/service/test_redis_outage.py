@@ -20,7 +20,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from dae.jobs import JobStore, is_redis_outage
+from core.attempts import AttemptStore
+from core.jobs import is_redis_outage
 from service.config import Settings
 from service.deps import job_store_unavailable_message
 from service.main import create_app
@@ -218,7 +219,7 @@ def test_the_event_stream_stays_open_through_a_redis_restart(tmp_path, store_dir
                 server.kill()
                 time.sleep(1.5)
                 server.start()
-                jobs = JobStore(server.client())
+                jobs = AttemptStore(server.client())
                 jobs.request_cancel(job_id)  # queued -> cancelled: the final state ends the stream
 
             thread = threading.Thread(target=outage_then_cancel)
@@ -239,7 +240,7 @@ def test_the_event_stream_stays_open_through_a_redis_restart(tmp_path, store_dir
 def test_a_gateway_process_answers_503_while_redis_is_killed_and_recovers_its_records(
     tmp_path: Path, store_dir: Path, tiny_models: dict[str, TinyModel]
 ):
-    from dae.store import ModelStore
+    from core.store import ModelStore
 
     server = RedisServer(tmp_path / "redis", appendonly=True)
     card = publish_tiny_model(ModelStore(store_dir), tiny_models["dense"], "dense-test")

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from core.store import ModelStore, new_model_id
 from dae.spec import EpochMetrics, ModelCard, TrainingSpec
-from dae.store import ModelStore, new_model_id
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from dae.jobs import MAX_TASK_TIME_S, TRAIN_QUEUE, TRAIN_TASK_NAME, task_time_limits
+from core.queue import MAX_TASK_TIME_S, TRAIN_QUEUE, TRAIN_TASK_NAME, task_time_limits
 from dae.spec import MAX_RUNTIME_S, TrainingSpec
 from worker.celery_app import create_app
 from worker.config import WorkerSettings

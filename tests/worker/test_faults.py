@@ -20,9 +20,10 @@ import pytest
 import redis
 from celery import Celery
 
-from dae.jobs import JobStore
+from core.attempts import AttemptStore
+from core.checkpoints import CheckpointStore
+from core.store import ModelStore
 from dae.spec import JobRecord, JobState, TrainingSpec
-from dae.store import ModelStore
 from testing.gateway import GatewayProcess
 from testing.processes import CeleryWorker, enqueue, make_producer, wait_until
 from testing.redis_server import RedisServer
@@ -42,7 +43,7 @@ class Cluster:
         self.root = root
         self.redis = RedisServer(root / "redis", appendonly=True)
         self.client = redis.Redis.from_url(self.redis.url, socket_timeout=5)
-        self.jobs = JobStore(self.client)
+        self.jobs = AttemptStore(self.client)
         self.producer: Celery = make_producer(self.redis.url)
         self.store_dir = root / "store"
         self.store = ModelStore(self.store_dir)
@@ -129,7 +130,7 @@ def test_a_lost_worker_host_is_recovered_at_production_defaults(cluster: Cluster
     assert cluster.models_of(record.id) == [final.model_id]
     assert [entry.epoch for entry in cluster.store.read_card(final.model_id).history] == [1, 2, 3, 4, 5, 6]
     assert "queued it again" in replacement.log_text()  # the reaper, not the broker's 25 h visibility timeout
-    wait_until(lambda: not (cluster.store.checkpoints_dir / record.id).exists(), 10, "the checkpoints to go")
+    wait_until(lambda: not (CheckpointStore(cluster.store.root).directory / record.id).exists(), 10, "the checkpoints to go")
     print(f"lost host: training again {recovery_s:.1f} s after the kill")  # noqa: T201 - the figure in README
 
 
@@ -223,7 +224,7 @@ def test_sigterm_hands_the_job_to_an_idle_worker(cluster: Cluster) -> None:
     final = cluster.wait_finished(record.id, idle)
     assert final.state == JobState.cancelled and final.resumed_from_epoch >= 1
     assert cluster.states(record.id) == ["queued", "running", "retrying", "running", "cancelling", "cancelled"]
-    wait_until(lambda: not (cluster.store.checkpoints_dir / record.id).exists(), 10,
+    wait_until(lambda: not (CheckpointStore(cluster.store.root).directory / record.id).exists(), 10,
                "a cancelled job's checkpoints to go", idle)
 
 

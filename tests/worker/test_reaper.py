@@ -13,9 +13,11 @@ import pytest
 import redis
 from celery import Celery
 
-from dae.jobs import TRAIN_QUEUE, JobStore
+from core.attempts import AttemptStore
+from core.checkpoints import CheckpointStore
+from core.queue import TRAIN_QUEUE
+from core.store import ModelStore
 from dae.spec import JobState, TrainingSpec
-from dae.store import ModelStore
 from testing.processes import enqueue, make_producer
 from testing.redis_server import RedisServer
 from worker.reaper import Reaper, _job_id_of
@@ -36,8 +38,8 @@ def client(server: RedisServer) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def jobs(client: redis.Redis) -> JobStore:
-    return JobStore(client)
+def jobs(client: redis.Redis) -> AttemptStore:
+    return AttemptStore(client)
 
 
 @pytest.fixture
@@ -50,7 +52,7 @@ def store(tmp_path: Path) -> ModelStore:
     return ModelStore(tmp_path / "store")
 
 
-def reaper(jobs: JobStore, producer: Celery, store: ModelStore, requeue_queued_after_s: float = 60.0) -> Reaper:
+def reaper(jobs: AttemptStore, producer: Celery, store: ModelStore, requeue_queued_after_s: float = 60.0) -> Reaper:
     return Reaper(jobs, producer, store, interval_s=1.0, requeue_queued_after_s=requeue_queued_after_s)
 
 
@@ -63,7 +65,7 @@ def queued_ids(client: redis.Redis) -> list[str]:
 
 
 def test_a_queued_job_without_a_message_is_queued_again_after_two_sweeps(
-    jobs: JobStore, producer: Celery, store: ModelStore, client: redis.Redis
+    jobs: AttemptStore, producer: Celery, store: ModelStore, client: redis.Redis
 ) -> None:
     lost, _ = jobs.create(spec())  # the gateway died before sending
     sent, _ = jobs.create(spec())
@@ -84,7 +86,7 @@ def test_a_queued_job_without_a_message_is_queued_again_after_two_sweeps(
 
 
 def test_a_running_job_whose_lease_expired_is_queued_again(
-    jobs: JobStore, producer: Celery, store: ModelStore, client: redis.Redis
+    jobs: AttemptStore, producer: Celery, store: ModelStore, client: redis.Redis
 ) -> None:
     alive, _ = jobs.create(spec())
     dead, _ = jobs.create(spec())
@@ -100,7 +102,7 @@ def test_a_running_job_whose_lease_expired_is_queued_again(
 
 
 def test_a_suspect_that_recovers_between_sweeps_is_left_alone(
-    jobs: JobStore, producer: Celery, store: ModelStore, client: redis.Redis
+    jobs: AttemptStore, producer: Celery, store: ModelStore, client: redis.Redis
 ) -> None:
     record, _ = jobs.create(spec())
     lease = jobs.lease(record.id, owner="host:1", ttl_s=0.2)
@@ -114,12 +116,12 @@ def test_a_suspect_that_recovers_between_sweeps_is_left_alone(
 
 
 def test_a_cancelling_job_whose_worker_was_lost_ends_cancelled(
-    jobs: JobStore, producer: Celery, store: ModelStore
+    jobs: AttemptStore, producer: Celery, store: ModelStore
 ) -> None:
     record, _ = jobs.create(spec())
     lease = jobs.lease(record.id, owner="host:1", ttl_s=0.2)
     jobs.start_attempt(record.id, lease, max_lost_attempts=3)
-    (store.attempt_checkpoint_dir(record.id, 1) / "state.json").write_text("{}")
+    (CheckpointStore(store.root).attempt_dir(record.id, 1) / "state.json").write_text("{}")
     jobs.request_cancel(record.id)
     time.sleep(0.3)
     sweeper = reaper(jobs, producer, store)
@@ -127,10 +129,10 @@ def test_a_cancelling_job_whose_worker_was_lost_ends_cancelled(
     assert sweeper.sweep().cancelled == [record.id]
     final = jobs.get(record.id)
     assert final.state == JobState.cancelled and final.stop_reason == "cancelled"
-    assert not (store.checkpoints_dir / record.id).exists()
+    assert not (CheckpointStore(store.root).directory / record.id).exists()
 
 
-def test_one_reaper_sweeps_at_a_time(jobs: JobStore, producer: Celery, store: ModelStore) -> None:
+def test_one_reaper_sweeps_at_a_time(jobs: AttemptStore, producer: Celery, store: ModelStore) -> None:
     first, second = reaper(jobs, producer, store), reaper(jobs, producer, store)
     assert first.sweep() is not None
     assert second.sweep() is None  # the turn is the first's while it keeps sweeping
@@ -138,7 +140,7 @@ def test_one_reaper_sweeps_at_a_time(jobs: JobStore, producer: Celery, store: Mo
 
 
 def test_messages_taken_by_a_worker_count_until_they_are_old(
-    jobs: JobStore, producer: Celery, store: ModelStore, client: redis.Redis
+    jobs: AttemptStore, producer: Celery, store: ModelStore, client: redis.Redis
 ) -> None:
     record, _ = jobs.create(spec())
     enqueue(producer, record)

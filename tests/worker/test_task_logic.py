@@ -6,6 +6,7 @@ Real Redis and a real model store; the training itself is covered by test_traini
 from __future__ import annotations
 
 import errno
+import os
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,18 +16,20 @@ import redis
 from billiard.exceptions import WorkerLostError
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
+from core.attempts import AttemptStore
+from core.checkpoints import CheckpointStore
+from core.jobs import new_job_id
+from core.store import ModelStore, is_model_id, model_id_for_job
 from dae.errors import Conflict, DatasetNotFound, TrainingFailed
-from dae.jobs import JobStore, new_job_id
 from dae.publish import default_model_name
 from dae.spec import JobState, ModelCard, TrainingSpec
-from dae.store import ModelStore, is_model_id, model_id_for_job
 from worker import tasks
 from worker.config import WorkerSettings
 
 
 @pytest.fixture
-def jobs(redis_client: redis.Redis) -> JobStore:
-    return JobStore(redis_client, prefix=f"test-{uuid.uuid4().hex[:8]}:")
+def jobs(redis_client: redis.Redis) -> AttemptStore:
+    return AttemptStore(redis_client, prefix=f"test-{uuid.uuid4().hex[:8]}:")
 
 
 @pytest.fixture
@@ -38,7 +41,7 @@ def spec() -> TrainingSpec:
     return TrainingSpec.model_validate({"dataset": "digits", "architecture": {"type": "dense"}, "epochs": 2})
 
 
-def states(jobs: JobStore, job_id: str) -> list[str]:
+def states(jobs: AttemptStore, job_id: str) -> list[str]:
     return [event["state"] for _id, event in jobs.read_events(job_id, None, 0) if event["type"] == "state"]
 
 
@@ -51,7 +54,7 @@ def publish_fake_model(store: ModelStore, job_id: str) -> ModelCard:
     return store.publish_model(store.staging_dir(), card)
 
 
-def test_finished_and_unknown_jobs_are_skipped(jobs: JobStore, settings: WorkerSettings, store_dir: Path) -> None:
+def test_finished_and_unknown_jobs_are_skipped(jobs: AttemptStore, settings: WorkerSettings, store_dir: Path) -> None:
     store = ModelStore(store_dir)
     record, _ = jobs.create(spec())
     jobs.request_cancel(record.id)
@@ -60,7 +63,7 @@ def test_finished_and_unknown_jobs_are_skipped(jobs: JobStore, settings: WorkerS
     assert tasks.run_job(new_job_id(), settings=settings, jobs=jobs, store=store) == tasks.SKIPPED
 
 
-def test_a_leased_job_is_left_to_its_holder(jobs: JobStore, settings: WorkerSettings, store_dir: Path) -> None:
+def test_a_leased_job_is_left_to_its_holder(jobs: AttemptStore, settings: WorkerSettings, store_dir: Path) -> None:
     record, _ = jobs.create(spec())
     holder = jobs.lease(record.id, owner="other-host:1", ttl_s=5)
     assert jobs.start_attempt(record.id, holder, max_lost_attempts=3)[0] == "started"
@@ -71,24 +74,24 @@ def test_a_leased_job_is_left_to_its_holder(jobs: JobStore, settings: WorkerSett
 
 
 def test_redelivered_cancelling_job_ends_cancelled_and_drops_its_checkpoints(
-    jobs: JobStore, settings: WorkerSettings, store_dir: Path
+    jobs: AttemptStore, settings: WorkerSettings, store_dir: Path
 ) -> None:
     store = ModelStore(store_dir)
     record, _ = jobs.create(spec())
     lost = jobs.lease(record.id, owner="lost:1", ttl_s=5)
     jobs.start_attempt(record.id, lost, max_lost_attempts=3)
-    (store.attempt_checkpoint_dir(record.id, 1) / "state.json").write_text("{}")
+    (CheckpointStore(store.root).attempt_dir(record.id, 1) / "state.json").write_text("{}")
     jobs.request_cancel(record.id)  # then the worker died before it saw the flag
     jobs.record_lost_process(record.id, owner="lost:1", exit_note="signal SIGKILL")
     outcome = tasks.run_job(record.id, settings=settings, jobs=jobs, store=store)
     assert outcome == tasks.CANCELLED
     assert jobs.get(record.id).state == JobState.cancelled
     assert jobs.lease_holder(record.id) is None
-    assert not (store.checkpoints_dir / record.id).exists()
+    assert not (CheckpointStore(store.root).directory / record.id).exists()
 
 
 def test_redelivery_after_publishing_does_not_publish_again(
-    jobs: JobStore, settings: WorkerSettings, store_dir: Path
+    jobs: AttemptStore, settings: WorkerSettings, store_dir: Path
 ) -> None:
     store = ModelStore(store_dir)
     record, _ = jobs.create(spec())
@@ -137,11 +140,11 @@ def test_failure_reasons_are_actionable() -> None:
     assert "RuntimeError" in tasks.failure_reason(RuntimeError("boom"), job_spec)
 
 
-def test_hard_time_limit_is_recorded(jobs: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hard_time_limit_is_recorded(jobs: AttemptStore, monkeypatch: pytest.MonkeyPatch) -> None:
     record, _ = jobs.create(spec())
     jobs.mark_running(record.id, worker="w:1")
-    monkeypatch.setattr(tasks, "job_store", lambda settings: jobs)
     task = tasks.app.tasks["dae.train"]
+    monkeypatch.setattr(task, "_jobs", (os.getpid(), jobs))
     task.on_failure(TimeLimitExceeded(4320), "task-id", [record.id], {}, None)
     final = jobs.get(record.id)
     assert final.state == JobState.failed and "4320 s" in final.failure_reason

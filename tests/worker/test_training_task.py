@@ -2,7 +2,7 @@
 
 One worker serves the whole module (TensorFlow is imported once per pool child, ~5 s); the burst test adds a
 second one, and the fault test (last) kills the module's worker and starts a replacement. Jobs are enqueued
-the way the gateway does it: JobStore.create + send_task by name with the job's time limits.
+the way the gateway does it: AttemptStore.create + send_task by name with the job's time limits.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import pytest
 import redis
 from celery import Celery
 
-from dae.jobs import JobStore
+from core.attempts import AttemptStore
+from core.checkpoints import CheckpointStore
+from core.store import ModelStore
 from dae.spec import JobRecord, JobState, TrainingSpec
-from dae.store import ModelStore
 from testing.processes import CeleryWorker, enqueue, make_producer, wait_until
 
 pytestmark = pytest.mark.slow
@@ -41,9 +42,9 @@ def store(store_root: Path) -> ModelStore:
 
 
 @pytest.fixture(scope="module")
-def jobs(redis_url: str) -> Iterator[JobStore]:
+def jobs(redis_url: str) -> Iterator[AttemptStore]:
     client = redis.Redis.from_url(redis_url)
-    yield JobStore(client)  # the default "dae:" prefix: the worker's
+    yield AttemptStore(client)  # the default "dae:" prefix: the worker's
     client.close()
 
 
@@ -65,7 +66,7 @@ def worker(redis_url: str, store_root: Path, logs: Path) -> Iterator[CeleryWorke
     worker.stop()
 
 
-def submit(jobs: JobStore, producer: Celery, **spec_fields: Any) -> JobRecord:
+def submit(jobs: AttemptStore, producer: Celery, **spec_fields: Any) -> JobRecord:
     fields = {"dataset": "digits", "architecture": TINY_MODEL, "epochs": 2, "batch_size": 32,
               "max_train_images": 200, **spec_fields}
     record, created = jobs.create(TrainingSpec.model_validate(fields))
@@ -74,7 +75,7 @@ def submit(jobs: JobStore, producer: Celery, **spec_fields: Any) -> JobRecord:
     return record
 
 
-def wait_finished(jobs: JobStore, job_id: str, worker: CeleryWorker, timeout_s: float = JOB_TIMEOUT_S) -> JobRecord:
+def wait_finished(jobs: AttemptStore, job_id: str, worker: CeleryWorker, timeout_s: float = JOB_TIMEOUT_S) -> JobRecord:
     wait_until(lambda: jobs.get(job_id).state.is_terminal, timeout_s, f"job {job_id} to finish", worker)
     return jobs.get(job_id)
 
@@ -85,7 +86,7 @@ def models_of_job(store: ModelStore, job_id: str) -> list[str]:
 
 
 def test_job_runs_to_success_with_one_event_per_epoch(
-    worker: CeleryWorker, jobs: JobStore, producer: Celery, store: ModelStore
+    worker: CeleryWorker, jobs: AttemptStore, producer: Celery, store: ModelStore
 ) -> None:
     record = submit(jobs, producer, epochs=3)
     # Follow the events live, as the gateway's SSE endpoint does, until the terminal state event.
@@ -117,7 +118,7 @@ def test_job_runs_to_success_with_one_event_per_epoch(
     assert store.artifact_path(card.id, "model.keras").stat().st_size > 0
     assert events[-1]["model_id"] == card.id
     # A finished job's checkpoints are dropped right after its final state is recorded (never before).
-    wait_until(lambda: not (store.checkpoints_dir / record.id).exists(), 10, "the checkpoints to go", worker)
+    wait_until(lambda: not (CheckpointStore(store.root).directory / record.id).exists(), 10, "the checkpoints to go", worker)
     assert models_of_job(store, record.id) == [card.id]
     # The pool child's evaluation helper computed the model-independent rows (dae.reference): it started, and the
     # table is complete.
@@ -128,7 +129,7 @@ def test_job_runs_to_success_with_one_event_per_epoch(
 
 
 def test_cancel_mid_training_stops_within_an_epoch(
-    worker: CeleryWorker, jobs: JobStore, producer: Celery, store: ModelStore
+    worker: CeleryWorker, jobs: AttemptStore, producer: Celery, store: ModelStore
 ) -> None:
     # Batch 4 over ~360 images: ~90 steps per epoch, long enough to cancel in the middle of the run.
     record = submit(jobs, producer, epochs=30, batch_size=4, max_train_images=400)
@@ -147,7 +148,7 @@ def test_cancel_mid_training_stops_within_an_epoch(
     epoch_seconds = final.history[-1].elapsed_s / final.history[-1].epoch
     assert seconds_to_stop < 2 * epoch_seconds + 5, (seconds_to_stop, epoch_seconds)
     # Its checkpoints are removed once the cancel is recorded, and nothing was published.
-    wait_until(lambda: not (store.checkpoints_dir / record.id).exists(), 10, "the checkpoints to go", worker)
+    wait_until(lambda: not (CheckpointStore(store.root).directory / record.id).exists(), 10, "the checkpoints to go", worker)
     assert models_of_job(store, record.id) == []
     states = [e["state"] for _id, e in jobs.read_events(record.id, None, 0) if e["type"] == "state"]
     assert states == ["queued", "running", "cancelling", "cancelled"]
@@ -156,7 +157,7 @@ def test_cancel_mid_training_stops_within_an_epoch(
 
 
 def test_failures_are_recorded_and_the_worker_survives(
-    worker: CeleryWorker, jobs: JobStore, producer: Celery, store: ModelStore
+    worker: CeleryWorker, jobs: AttemptStore, producer: Celery, store: ModelStore
 ) -> None:
     missing = submit(jobs, producer, dataset="ds_0123456789ab")
     diverging = submit(jobs, producer, epochs=3,
@@ -183,7 +184,7 @@ def test_failures_are_recorded_and_the_worker_survives(
 
 
 def test_burst_of_twenty_jobs_all_finish_on_two_workers(
-    worker: CeleryWorker, jobs: JobStore, producer: Celery, store: ModelStore, redis_url: str, store_root: Path,
+    worker: CeleryWorker, jobs: AttemptStore, producer: Celery, store: ModelStore, redis_url: str, store_root: Path,
     logs: Path,
 ) -> None:
     """20 jobs at once, two competing workers: none lost, none run twice.

@@ -14,10 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dae import store as store_module
+from core import datasets as datasets_module
+from core import fsio
+from core.checkpoints import CheckpointStore
+from core.datasets import DatasetStore
+from core.fsio import atomic_write_bytes
+from core.store import ModelStore, new_model_id
 from dae.errors import Conflict, DatasetNotFound, ModelNotFound, PayloadTooLarge
+from dae.fingerprints import fingerprint_pixels
 from dae.spec import ModelCard, TrainingSpec
-from dae.store import ModelStore, atomic_write_bytes, fingerprint_pixels, new_model_id
 
 BASE_TIME = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -126,10 +131,10 @@ def test_atomic_write_keeps_old_content_when_replace_fails(tmp_path: Path, monke
     target = tmp_path / "card.json"
     atomic_write_bytes(target, b"old")
 
-    def failing_replace(source: str, destination: str) -> None:
+    def failing_replace(_source: str, _destination: str) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(store_module.os, "replace", failing_replace)
+    monkeypatch.setattr(fsio.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
@@ -209,46 +214,46 @@ def test_bad_artifact_names_and_dataset_ids_are_rejected(store_dir: Path) -> Non
             store.artifact_path(card.id, artifact)
     for dataset_id in ("../x", "ds_../../etc", "ds_0123456789ab/../x", "DS_0123456789AB", ""):
         with pytest.raises(DatasetNotFound):
-            store.dataset_info(dataset_id)
+            DatasetStore(store.root).info(dataset_id)
         with pytest.raises(DatasetNotFound):
-            store.load_dataset_images(dataset_id)
+            DatasetStore(store.root).load_images(dataset_id)
         with pytest.raises(DatasetNotFound):
-            store.delete_dataset(dataset_id)
+            DatasetStore(store.root).delete(dataset_id)
     for job_id in ("../x", "a/b", "", ".."):
         with pytest.raises(ValueError, match="checkpoint key"):
-            store.checkpoint_dir(job_id)
-    assert store.checkpoint_dir("j_0123456789abcdef") == store.checkpoints_dir / "j_0123456789abcdef"
+            CheckpointStore(store.root).job_dir(job_id)
+    assert CheckpointStore(store.root).job_dir("j_0123456789abcdef") == CheckpointStore(store.root).directory / "j_0123456789abcdef"
 
 
 def test_datasets_round_trip_uint8_exactly_and_floats_as_float(store_dir: Path) -> None:
     store = ModelStore(store_dir)
     pixels = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1) * 7
     images = pixels.astype(np.float32) / 255.0
-    info = store.save_dataset(images, filename="upload.npz")
+    info = DatasetStore(store.root).save(images, filename="upload.npz")
     assert info.id.startswith("ds_") and info.count == 2 and info.shape == [4, 4, 1]
     assert info.filename == "upload.npz" and not info.builtin
-    with np.load(store.datasets_dir / f"{info.id}.npz", allow_pickle=False) as archive:
+    with np.load(DatasetStore(store.root).directory / f"{info.id}.npz", allow_pickle=False) as archive:
         assert archive["x"].dtype == np.uint8  # k/255 values stored losslessly as bytes
-    np.testing.assert_array_equal(store.load_dataset_images(info.id), images)
+    np.testing.assert_array_equal(DatasetStore(store.root).load_images(info.id), images)
     assert info.fingerprint == fingerprint_pixels(pixels)
 
     smooth = np.linspace(0, 1, 3 * 5 * 5 * 3, dtype=np.float32).reshape(3, 5, 5, 3) ** 2
-    float_info = store.save_dataset(smooth, filename=None)
-    np.testing.assert_array_equal(store.load_dataset_images(float_info.id), smooth)
-    assert {info.id, float_info.id} == {entry.id for entry in store.list_datasets()}
-    assert store.dataset_info(float_info.id) == float_info
+    float_info = DatasetStore(store.root).save(smooth, filename=None)
+    np.testing.assert_array_equal(DatasetStore(store.root).load_images(float_info.id), smooth)
+    assert {info.id, float_info.id} == {entry.id for entry in DatasetStore(store.root).list()}
+    assert DatasetStore(store.root).info(float_info.id) == float_info
 
-    store.delete_dataset(info.id)
+    DatasetStore(store.root).delete(info.id)
     with pytest.raises(DatasetNotFound):
-        store.dataset_info(info.id)
-    assert [entry.id for entry in store.list_datasets()] == [float_info.id]
-    assert not (store.datasets_dir / f"{info.id}.npz").exists()
+        DatasetStore(store.root).info(info.id)
+    assert [entry.id for entry in DatasetStore(store.root).list()] == [float_info.id]
+    assert not (DatasetStore(store.root).directory / f"{info.id}.npz").exists()
 
 
 def test_empty_store_lists_nothing(store_dir: Path) -> None:
     store = ModelStore(store_dir / "not-created-yet")
     assert store.list_models() == ([], 0)
-    assert store.list_datasets() == []
+    assert DatasetStore(store.root).list() == []
     with pytest.raises(ModelNotFound):
         store.read_card("anything")
 
@@ -293,34 +298,34 @@ def test_a_second_publish_of_the_same_model_id_is_refused_and_leaves_no_version(
 def test_datasets_are_stored_compressed_and_uncompressed_files_of_older_versions_still_load(store_dir: Path) -> None:
     store = ModelStore(store_dir)
     smooth = np.tile(np.linspace(0, 1, 32, dtype=np.float32) ** 2, (64, 32, 1))[..., np.newaxis]  # not k/255
-    info = store.save_dataset(smooth)
-    path = store.datasets_dir / f"{info.id}.npz"
+    info = DatasetStore(store.root).save(smooth)
+    path = DatasetStore(store.root).directory / f"{info.id}.npz"
     with zipfile.ZipFile(path) as archive:
         assert [member.compress_type for member in archive.infolist()] == [zipfile.ZIP_DEFLATED]
     assert path.stat().st_size < smooth.nbytes / 4
-    np.testing.assert_array_equal(store.load_dataset_images(info.id), smooth)
+    np.testing.assert_array_equal(DatasetStore(store.root).load_images(info.id), smooth)
 
     pixels = np.arange(64 * 4 * 4, dtype=np.uint8).reshape(64, 4, 4, 1)
-    older = store.save_dataset(pixels.astype(np.float32) / np.float32(255.0))
-    np.savez(store.datasets_dir / f"{older.id}.npz", x=pixels)  # what save_dataset wrote before: no compression
-    loaded = store.load_dataset_images(older.id)
+    older = DatasetStore(store.root).save(pixels.astype(np.float32) / np.float32(255.0))
+    np.savez(DatasetStore(store.root).directory / f"{older.id}.npz", x=pixels)  # what save_dataset wrote before: no compression
+    loaded = DatasetStore(store.root).load_images(older.id)
     assert loaded.dtype == np.float32
     np.testing.assert_array_equal(loaded, pixels.astype(np.float32) / np.float32(255.0))
 
 
 def test_the_uint8_check_looks_at_every_chunk(store_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_module, "_UINT8_CHECK_CHUNK", 7)  # several chunks for 2 x 4 x 4 values
+    monkeypatch.setattr(datasets_module, "_UINT8_CHECK_CHUNK", 7)  # several chunks for 2 x 4 x 4 values
     store = ModelStore(store_dir)
     levels = np.arange(32, dtype=np.float32).reshape(2, 4, 4, 1) / np.float32(255.0)
-    exact = store.save_dataset(levels)
+    exact = DatasetStore(store.root).save(levels)
     off_grid = levels.copy()
     off_grid[1, 3, 3, 0] += np.float32(1e-3)  # in the last chunk
-    inexact = store.save_dataset(off_grid)
+    inexact = DatasetStore(store.root).save(off_grid)
     for info, dtype in ((exact, np.uint8), (inexact, np.float32)):
-        with np.load(store.datasets_dir / f"{info.id}.npz", allow_pickle=False) as archive:
+        with np.load(DatasetStore(store.root).directory / f"{info.id}.npz", allow_pickle=False) as archive:
             assert archive["x"].dtype == dtype
-    np.testing.assert_array_equal(store.load_dataset_images(exact.id), levels)
-    np.testing.assert_array_equal(store.load_dataset_images(inexact.id), off_grid)
+    np.testing.assert_array_equal(DatasetStore(store.root).load_images(exact.id), levels)
+    np.testing.assert_array_equal(DatasetStore(store.root).load_images(inexact.id), off_grid)
 
 
 class _FrozenDatetime(datetime):
@@ -334,34 +339,34 @@ class _FrozenDatetime(datetime):
 def test_the_store_cap_boundary_and_a_refused_upload_leaves_nothing(
     store_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "datetime", _FrozenDatetime)
+    monkeypatch.setattr(datasets_module, "datetime", _FrozenDatetime)
     store = ModelStore(store_dir)
     images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1)).astype(np.float32) / np.float32(255.0)
-    store.save_dataset(images, filename="first.npz")
-    used = store.datasets_bytes()
-    probe = store.save_dataset(images, filename="first.npz", max_total_bytes=10 * used)
-    needed = store.datasets_bytes() - used
-    store.delete_dataset(probe.id)
-    assert store.datasets_bytes() == used and needed > 0
+    DatasetStore(store.root).save(images, filename="first.npz")
+    used = DatasetStore(store.root).total_bytes()
+    probe = DatasetStore(store.root).save(images, filename="first.npz", max_total_bytes=10 * used)
+    needed = DatasetStore(store.root).total_bytes() - used
+    DatasetStore(store.root).delete(probe.id)
+    assert DatasetStore(store.root).total_bytes() == used and needed > 0
 
-    fits = store.save_dataset(images, filename="first.npz", max_total_bytes=used + needed)  # exactly full
-    assert store.datasets_bytes() == used + needed
-    store.delete_dataset(fits.id)
-    before = sorted(os.listdir(store.datasets_dir))
+    fits = DatasetStore(store.root).save(images, filename="first.npz", max_total_bytes=used + needed)  # exactly full
+    assert DatasetStore(store.root).total_bytes() == used + needed
+    DatasetStore(store.root).delete(fits.id)
+    before = sorted(os.listdir(DatasetStore(store.root).directory))
     with pytest.raises(PayloadTooLarge, match=rf"take {used:,} of the {used + needed - 1:,} bytes allowed") as refused:
-        store.save_dataset(images, filename="first.npz", max_total_bytes=used + needed - 1)
+        DatasetStore(store.root).save(images, filename="first.npz", max_total_bytes=used + needed - 1)
     assert f"Received: {needed:,} bytes" in str(refused.value) and "DAE_MAX_STORE_DATASETS_GB" in str(refused.value)
     with pytest.raises(PayloadTooLarge, match="Received: an upload while the store is full"):
-        store.save_dataset(images, max_total_bytes=used)
-    assert sorted(os.listdir(store.datasets_dir)) == before
+        DatasetStore(store.root).save(images, max_total_bytes=used)
+    assert sorted(os.listdir(DatasetStore(store.root).directory)) == before
 
 
 def test_datasets_bytes_counts_the_dataset_files_only(store_dir: Path) -> None:
     store = ModelStore(store_dir)
-    assert store.datasets_bytes() == 0
-    info = store.save_dataset(np.zeros((2, 4, 4, 1), np.float32))
-    files = [store.datasets_dir / f"{info.id}.{extension}" for extension in ("npz", "json")]
-    (store.datasets_dir / f".{info.id}.abc.npz.tmp").write_bytes(b"x" * 1000)  # a write cut short
-    (store.cache_dir).mkdir()
-    (store.cache_dir / "mnist.npz").write_bytes(b"x" * 1000)
-    assert store.datasets_bytes() == sum(path.stat().st_size for path in files)
+    assert DatasetStore(store.root).total_bytes() == 0
+    info = DatasetStore(store.root).save(np.zeros((2, 4, 4, 1), np.float32))
+    files = [DatasetStore(store.root).directory / f"{info.id}.{extension}" for extension in ("npz", "json")]
+    (DatasetStore(store.root).directory / f".{info.id}.abc.npz.tmp").write_bytes(b"x" * 1000)  # a write cut short
+    (DatasetStore(store.root).cache_dir).mkdir()
+    (DatasetStore(store.root).cache_dir / "mnist.npz").write_bytes(b"x" * 1000)
+    assert DatasetStore(store.root).total_bytes() == sum(path.stat().st_size for path in files)

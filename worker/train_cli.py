@@ -1,6 +1,6 @@
-"""Command line: train a denoising autoencoder and publish it to a model store.
+"""Command line: train a denoising autoencoder and publish it to a model store, without the gateway or a queue.
 
-    python -m dae.train --dataset fashion_mnist --epochs 3 --max-train-images 5000 --store var/store
+    python -m worker.train_cli --dataset fashion_mnist --epochs 3 --max-train-images 5000 --store var/store
 
 A spec file (--spec-json, the same JSON the REST API takes) is the starting point; the flags override its fields.
 Prints the per-epoch progress, then the model id, the card path and the evaluation table.
@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from core.datasets import DatasetStore
+from core.store import ModelStore, model_id_for_job, new_model_id
 from dae.errors import DaeError
 from dae.spec import EpochMetrics, TrainingSpec
 
@@ -25,7 +27,7 @@ DEFAULT_STORE = Path("var/store")
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's arguments."""
-    parser = argparse.ArgumentParser(prog="python -m dae.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m worker.train_cli", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--store", type=Path, default=DEFAULT_STORE, help=f"model store directory (default {DEFAULT_STORE})"
     )
@@ -104,7 +106,6 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports (TensorFlow) only after the arguments are known to be valid.
     from dae.metrics import format_evaluation  # noqa: PLC0415
     from dae.publish import publish_training_result  # noqa: PLC0415
-    from dae.store import ModelStore  # noqa: PLC0415
     from dae.training import TrainingHooks, fit_autoencoder  # noqa: PLC0415
 
     store = ModelStore(arguments.store)
@@ -113,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     try:
-        result = fit_autoencoder(spec, store=store, hooks=TrainingHooks(on_epoch=_print_epoch))
-        card = publish_training_result(result, spec, store, job_id=arguments.job_id)
+        result = fit_autoencoder(spec, store=DatasetStore(arguments.store), hooks=TrainingHooks(on_epoch=_print_epoch))
+        model_id = model_id_for_job(arguments.job_id) if arguments.job_id else new_model_id()
+        card = publish_training_result(result, spec, store, model_id=model_id, job_id=arguments.job_id)
     except DaeError as error:
         print(f"{type(error).__name__}: {error.message}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""JobStore against a real Redis: transitions, idempotency, listing, cancel, events, leases and retention."""
+"""AttemptStore against a real Redis: transitions, idempotency, listing, cancel, events, leases and retention."""
 
 from __future__ import annotations
 
@@ -9,28 +9,19 @@ import uuid
 import pytest
 import redis
 
+from core.attempts import ATTEMPT_BUSY, ATTEMPT_FAILED, ATTEMPT_SKIPPED, ATTEMPT_STARTED, AttemptStore
+from core.jobs import check_job_id, new_job_id
+from core.leases import JobLease, LeaseLost
+from core.queue import MAX_TASK_TIME_S, task_time_limits
 from dae.errors import Conflict, DaeError, JobNotFound
-from dae.jobs import (
-    ATTEMPT_BUSY,
-    ATTEMPT_FAILED,
-    ATTEMPT_SKIPPED,
-    ATTEMPT_STARTED,
-    MAX_TASK_TIME_S,
-    JobLease,
-    JobStore,
-    LeaseLost,
-    check_job_id,
-    new_job_id,
-    spec_fingerprint,
-    task_time_limits,
-)
+from dae.fingerprints import spec_fingerprint
 from dae.spec import MAX_RUNTIME_S, EpochMetrics, JobRecord, JobState, TrainingSpec
 
 
 @pytest.fixture
-def jobs(redis_client: redis.Redis) -> JobStore:
-    """A JobStore under a prefix of its own, so counts and listings see only this test's jobs."""
-    return JobStore(redis_client, prefix=f"test-{uuid.uuid4().hex[:8]}:")
+def jobs(redis_client: redis.Redis) -> AttemptStore:
+    """A AttemptStore under a prefix of its own, so counts and listings see only this test's jobs."""
+    return AttemptStore(redis_client, prefix=f"test-{uuid.uuid4().hex[:8]}:")
 
 
 def tiny_spec(**overrides: object) -> TrainingSpec:
@@ -42,7 +33,7 @@ def metrics(epoch: int, epochs: int = 3, loss: float = 0.5) -> EpochMetrics:
                         elapsed_s=float(epoch), eta_s=float(epochs - epoch))
 
 
-def event_states(jobs: JobStore, job_id: str) -> list[str]:
+def event_states(jobs: AttemptStore, job_id: str) -> list[str]:
     return [payload["state"] for _id, payload in jobs.read_events(job_id, None, 0) if payload["type"] == "state"]
 
 
@@ -55,7 +46,7 @@ def test_job_ids_are_validated() -> None:
             check_job_id(bad)
 
 
-def test_malformed_and_unknown_ids_are_not_found(jobs: JobStore) -> None:
+def test_malformed_and_unknown_ids_are_not_found(jobs: AttemptStore) -> None:
     for job_id in ["nope", "j_../../x", new_job_id()]:
         with pytest.raises(JobNotFound):
             jobs.get(job_id)
@@ -73,7 +64,7 @@ def test_task_time_limits_cover_runtime_plus_overhead() -> None:
     assert hard_max == MAX_TASK_TIME_S
 
 
-def test_create_and_get(jobs: JobStore) -> None:
+def test_create_and_get(jobs: AttemptStore) -> None:
     record, created = jobs.create(tiny_spec())
     assert created
     assert record.state == JobState.queued and record.attempts == 0
@@ -83,7 +74,7 @@ def test_create_and_get(jobs: JobStore) -> None:
     assert event_states(jobs, record.id) == ["queued"]
 
 
-def test_full_life_cycle_updates_indexes_and_events(jobs: JobStore) -> None:
+def test_full_life_cycle_updates_indexes_and_events(jobs: AttemptStore) -> None:
     record, _ = jobs.create(tiny_spec(epochs=3))
     running = jobs.mark_running(record.id, worker="host:1")
     assert running.state == JobState.running and running.attempts == 1 and running.worker == "host:1"
@@ -109,7 +100,7 @@ def test_full_life_cycle_updates_indexes_and_events(jobs: JobStore) -> None:
     assert jobs.mark_succeeded(record.id, model_id="m_0123456789ab").state == JobState.succeeded
 
 
-def test_read_events_resumes_after_last_id_and_blocks(jobs: JobStore) -> None:
+def test_read_events_resumes_after_last_id_and_blocks(jobs: AttemptStore) -> None:
     record, _ = jobs.create(tiny_spec())
     first = jobs.read_events(record.id, None, 0)
     last_id = first[-1][0]
@@ -133,7 +124,7 @@ def test_read_events_resumes_after_last_id_and_blocks(jobs: JobStore) -> None:
         jobs.read_events(record.id, "not-an-id", 0)
 
 
-def test_record_epoch_replaces_repeated_epochs_after_resume(jobs: JobStore) -> None:
+def test_record_epoch_replaces_repeated_epochs_after_resume(jobs: AttemptStore) -> None:
     record, _ = jobs.create(tiny_spec(epochs=4))
     jobs.mark_running(record.id, worker="w")
     for epoch in (1, 2, 3):
@@ -146,7 +137,7 @@ def test_record_epoch_replaces_repeated_epochs_after_resume(jobs: JobStore) -> N
     assert [entry.epoch for entry in jobs.get(record.id).history] == [1, 2, 3]
 
 
-def test_listing_newest_first_with_state_filter_and_pagination(jobs: JobStore) -> None:
+def test_listing_newest_first_with_state_filter_and_pagination(jobs: AttemptStore) -> None:
     ids = []
     for _ in range(7):
         ids.append(jobs.create(tiny_spec())[0].id)
@@ -176,7 +167,7 @@ def test_listing_newest_first_with_state_filter_and_pagination(jobs: JobStore) -
         jobs.list(limit=-1)
 
 
-def test_idempotency_same_spec_same_job_different_spec_conflict(jobs: JobStore) -> None:
+def test_idempotency_same_spec_same_job_different_spec_conflict(jobs: AttemptStore) -> None:
     key = f"key-{uuid.uuid4().hex}"
     first, created = jobs.create(tiny_spec(), idempotency_key=key)
     again, created_again = jobs.create(tiny_spec(), idempotency_key=key)
@@ -195,7 +186,7 @@ def test_idempotency_same_spec_same_job_different_spec_conflict(jobs: JobStore) 
         jobs.create(tiny_spec(), idempotency_key="has space")
 
 
-def test_concurrent_creates_with_one_key_make_one_job(jobs: JobStore) -> None:
+def test_concurrent_creates_with_one_key_make_one_job(jobs: AttemptStore) -> None:
     key = f"race-{uuid.uuid4().hex}"
     results: list[str] = []
 
@@ -211,7 +202,7 @@ def test_concurrent_creates_with_one_key_make_one_job(jobs: JobStore) -> None:
     assert jobs.list()[1] == 1
 
 
-def test_cancel_queued_is_immediate_and_idempotent(jobs: JobStore) -> None:
+def test_cancel_queued_is_immediate_and_idempotent(jobs: AttemptStore) -> None:
     record, _ = jobs.create(tiny_spec())
     assert not jobs.is_cancel_requested(record.id)
     cancelled = jobs.request_cancel(record.id)
@@ -224,7 +215,7 @@ def test_cancel_queued_is_immediate_and_idempotent(jobs: JobStore) -> None:
     assert event_states(jobs, record.id) == ["queued", "cancelled"]
 
 
-def test_cancel_running_goes_through_cancelling(jobs: JobStore) -> None:
+def test_cancel_running_goes_through_cancelling(jobs: AttemptStore) -> None:
     record, _ = jobs.create(tiny_spec(epochs=3))
     jobs.mark_running(record.id, worker="w")
     jobs.record_epoch(record.id, metrics(1))
@@ -239,7 +230,7 @@ def test_cancel_running_goes_through_cancelling(jobs: JobStore) -> None:
     assert event_states(jobs, record.id) == ["queued", "running", "cancelling", "cancelled"]
 
 
-def test_cancel_finished_job_is_a_conflict(jobs: JobStore) -> None:
+def test_cancel_finished_job_is_a_conflict(jobs: AttemptStore) -> None:
     for finish in ("succeeded", "failed"):
         record, _ = jobs.create(tiny_spec())
         jobs.mark_running(record.id, worker="w")
@@ -253,7 +244,7 @@ def test_cancel_finished_job_is_a_conflict(jobs: JobStore) -> None:
         assert jobs.get(record.id).state.value == finish
 
 
-def test_cancel_racing_with_worker_transitions_loses_nothing(jobs: JobStore) -> None:
+def test_cancel_racing_with_worker_transitions_loses_nothing(jobs: AttemptStore) -> None:
     """Many concurrent record_epoch calls and a cancel: every epoch and the cancelling state survive."""
     record, _ = jobs.create(tiny_spec(epochs=40))
     jobs.mark_running(record.id, worker="w")
@@ -278,7 +269,7 @@ def test_cancel_racing_with_worker_transitions_loses_nothing(jobs: JobStore) -> 
     assert jobs.counts_by_state()["cancelling"] == 1 and jobs.counts_by_state()["running"] == 0
 
 
-def test_redelivery_passes_through_retrying(jobs: JobStore) -> None:
+def test_redelivery_passes_through_retrying(jobs: AttemptStore) -> None:
     record, _ = jobs.create(tiny_spec())
     jobs.mark_running(record.id, worker="a:1")
     jobs.mark_retrying(record.id)
@@ -290,21 +281,21 @@ def test_redelivery_passes_through_retrying(jobs: JobStore) -> None:
     assert jobs.mark_retrying(record.id).state == JobState.cancelled
 
 
-def test_illegal_transition_is_refused(jobs: JobStore) -> None:
+def test_illegal_transition_is_refused(jobs: AttemptStore) -> None:
     record, _ = jobs.create(tiny_spec())
     with pytest.raises(Conflict):
         jobs.mark_succeeded(record.id, model_id="m_000000000000")  # queued -> succeeded skips running
     assert jobs.get(record.id).state == JobState.queued
 
 
-def start(jobs: JobStore, job_id: str, owner: str = "host-a:1", ttl_s: float = 5.0,
+def start(jobs: AttemptStore, job_id: str, owner: str = "host-a:1", ttl_s: float = 5.0,
           max_lost_attempts: int = 3) -> tuple[str, JobRecord, JobLease]:
     lease = jobs.lease(job_id, owner=owner, ttl_s=ttl_s)
     outcome, record = jobs.start_attempt(job_id, lease, max_lost_attempts=max_lost_attempts)
     return outcome, record, lease
 
 
-def test_an_attempt_takes_the_lease_with_its_number_as_fencing_token(jobs: JobStore) -> None:
+def test_an_attempt_takes_the_lease_with_its_number_as_fencing_token(jobs: AttemptStore) -> None:
     job_id = jobs.create(tiny_spec())[0].id
     outcome, record, lease = start(jobs, job_id)
     assert outcome == ATTEMPT_STARTED and record.state == JobState.running and record.attempts == 1
@@ -321,7 +312,7 @@ def test_an_attempt_takes_the_lease_with_its_number_as_fencing_token(jobs: JobSt
     assert event_states(jobs, job_id) == ["queued", "running", "succeeded"]
 
 
-def test_a_stale_attempt_cannot_change_the_job(jobs: JobStore) -> None:
+def test_a_stale_attempt_cannot_change_the_job(jobs: AttemptStore) -> None:
     job_id = jobs.create(tiny_spec())[0].id
     _, _, stale = start(jobs, job_id, ttl_s=0.3)
     time.sleep(0.45)  # its process stalled past the lease's lifetime
@@ -340,7 +331,7 @@ def test_a_stale_attempt_cannot_change_the_job(jobs: JobStore) -> None:
     assert unchanged.state == JobState.running and unchanged.history == [] and unchanged.attempts == 2
 
 
-def test_a_lease_that_expired_in_an_outage_is_taken_back_if_no_one_else_started(jobs: JobStore) -> None:
+def test_a_lease_that_expired_in_an_outage_is_taken_back_if_no_one_else_started(jobs: AttemptStore) -> None:
     job_id = jobs.create(tiny_spec())[0].id
     _, _, lease = start(jobs, job_id, ttl_s=0.3)
     time.sleep(0.45)
@@ -350,7 +341,7 @@ def test_a_lease_that_expired_in_an_outage_is_taken_back_if_no_one_else_started(
     assert [entry.epoch for entry in jobs.get(job_id).history] == [1]
 
 
-def test_a_hand_off_releases_the_lease_without_counting_a_loss(jobs: JobStore) -> None:
+def test_a_hand_off_releases_the_lease_without_counting_a_loss(jobs: AttemptStore) -> None:
     job_id = jobs.create(tiny_spec())[0].id
     _, _, lease = start(jobs, job_id)
     handed = jobs.hand_off(job_id, lease, history=[metrics(1)])
@@ -360,7 +351,7 @@ def test_a_hand_off_releases_the_lease_without_counting_a_loss(jobs: JobStore) -
     assert event_states(jobs, job_id) == ["queued", "running", "retrying", "running"]
 
 
-def test_attempts_whose_process_died_end_the_job_after_the_limit(jobs: JobStore) -> None:
+def test_attempts_whose_process_died_end_the_job_after_the_limit(jobs: AttemptStore) -> None:
     job_id = jobs.create(tiny_spec())[0].id
     for attempt in range(1, 4):
         outcome, record, lease = start(jobs, job_id, owner=f"host:{attempt}")
@@ -378,7 +369,7 @@ def test_attempts_whose_process_died_end_the_job_after_the_limit(jobs: JobStore)
     assert "host (or container) gone" not in final.failure_reason
 
 
-def test_a_lost_cancelling_attempt_ends_cancelled(jobs: JobStore) -> None:
+def test_a_lost_cancelling_attempt_ends_cancelled(jobs: AttemptStore) -> None:
     job_id = jobs.create(tiny_spec())[0].id
     _, _, lease = start(jobs, job_id)
     jobs.request_cancel(job_id)
@@ -390,7 +381,7 @@ def test_a_lost_cancelling_attempt_ends_cancelled(jobs: JobStore) -> None:
 
 
 def test_finished_jobs_expire_after_the_retention_and_leave_the_indexes(redis_client: redis.Redis) -> None:
-    jobs = JobStore(redis_client, prefix=f"test-{uuid.uuid4().hex[:8]}:", retention_s=1)
+    jobs = AttemptStore(redis_client, prefix=f"test-{uuid.uuid4().hex[:8]}:", retention_s=1)
     done, _ = jobs.create(tiny_spec())
     alive, _ = jobs.create(tiny_spec())
     jobs.request_cancel(done.id)  # queued -> cancelled: finished
@@ -404,7 +395,7 @@ def test_finished_jobs_expire_after_the_retention_and_leave_the_indexes(redis_cl
     assert jobs.get(alive.id).state == JobState.queued
 
 
-def test_only_one_process_holds_a_turn(jobs: JobStore) -> None:
+def test_only_one_process_holds_a_turn(jobs: AttemptStore) -> None:
     assert jobs.take_turn("reaper", "a", ttl_s=0.3)
     assert not jobs.take_turn("reaper", "b", ttl_s=0.3)
     assert jobs.take_turn("reaper", "a", ttl_s=0.3)  # renewed by its holder
@@ -412,7 +403,7 @@ def test_only_one_process_holds_a_turn(jobs: JobStore) -> None:
     assert jobs.take_turn("reaper", "b", ttl_s=0.3)
 
 
-def test_dispatch_is_tracked_for_queued_jobs(jobs: JobStore) -> None:
+def test_dispatch_is_tracked_for_queued_jobs(jobs: AttemptStore) -> None:
     record, _ = jobs.create(tiny_spec())
     assert jobs.needs_dispatch(record.id)
     jobs.mark_dispatched(record.id)
@@ -425,7 +416,7 @@ def test_dispatch_is_tracked_for_queued_jobs(jobs: JobStore) -> None:
 def test_works_with_a_client_that_decodes_responses(redis_url: str) -> None:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
-        jobs = JobStore(client, prefix=f"test-{uuid.uuid4().hex[:8]}:")
+        jobs = AttemptStore(client, prefix=f"test-{uuid.uuid4().hex[:8]}:")
         record, _ = jobs.create(tiny_spec(), idempotency_key="k-1")
         assert jobs.create(tiny_spec(), idempotency_key="k-1")[0].id == record.id
         jobs.mark_running(record.id, worker="w")

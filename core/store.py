@@ -1,12 +1,9 @@
-"""The model store: model cards, artifacts, uploaded datasets and checkpoints in one directory tree.
+"""The model store: published models (card, ONNX and Keras files, plots), their names and versions.
 
-Layout under the store root (a local directory; every process and host that shares it sees the same models):
+Layout under the store root (a local directory; every process and host that shares it sees the same models;
+core/datasets.py and core/checkpoints.py keep datasets/, cache/ and checkpoints/ under the same root):
 
     models/<model id>/{model.keras, model.onnx, card.json, history.png, samples.png}
-    datasets/<dataset id>.npz (compressed)  +  datasets/<dataset id>.json (its DatasetInfo)
-    checkpoints/<job id>/<attempt>/  (owned by training: one directory per attempt, so a stale attempt never
-                               overwrites a newer one's; the next attempt resumes from the furthest of them)
-    cache/                     (downloaded online datasets, e.g. cache/mnist.npz)
     names/<name>/<version>/model_id   (version reservation by os.mkdir, and the name -> id index)
     tmp/                       (staging directories, named after the process that writes them, and temp files;
                                same filesystem, so renames are atomic)
@@ -17,11 +14,9 @@ Why this shape:
 - Versions are reserved with os.mkdir, which is atomic on local and network filesystems, so two workers that
   publish the same name at once get different versions without a lock server.
 - Every id and reference is matched against a strict pattern before it becomes part of a path, so "../x" and
-  friends raise ModelNotFound/DatasetNotFound and never touch anything outside the root.
+  friends raise ModelNotFound and never touch anything outside the root.
 - card.json's modification time is set to the card's created_at, so listing newest-first needs one stat per
   model and reads only the cards of the requested page.
-
-TensorFlow-free: the gateway imports this module.
 """
 
 from __future__ import annotations
@@ -39,17 +34,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
-
-from dae.errors import Conflict, DatasetNotFound, ModelNotFound, PayloadTooLarge
-from dae.spec import NAME_PATTERN, DatasetInfo, ModelCard
+from core.fsio import atomic_write_text, fsync_directory
+from dae.errors import Conflict, ModelNotFound
+from dae.spec import NAME_PATTERN, ModelCard
 
 logger = logging.getLogger(__name__)
 
 MODEL_ID_PATTERN = re.compile(r"^m_[0-9a-f]{12}$")
-DATASET_ID_PATTERN = re.compile(r"^ds_[0-9a-f]{12}$")
-#: Job ids are "j_" + 16 hex (dae.jobs); checkpoints accept any short safe token so tests and tools can use them too.
-CHECKPOINT_KEY_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _NAME_RE = re.compile(NAME_PATTERN)
 _VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
 _STAGING_WRITER_RE = re.compile(r"^staging-(?P<pid>\d+)@(?P<host>.+)-[^-]+$")
@@ -70,62 +61,17 @@ def model_id_for_job(job_id: str) -> str:
     return "m_" + hashlib.sha256(f"job:{job_id}".encode()).hexdigest()[:12]
 
 
-def new_dataset_id() -> str:
-    """A fresh random dataset id: "ds_" + 12 hex characters."""
-    return "ds_" + secrets.token_hex(6)
-
-
 def is_model_id(value: str) -> bool:
     """True when `value` has the shape of a model id (it may still not exist)."""
     return bool(MODEL_ID_PATTERN.fullmatch(value))
 
 
-def is_dataset_id(value: str) -> bool:
-    """True when `value` has the shape of an uploaded dataset id (it may still not exist)."""
-    return bool(DATASET_ID_PATTERN.fullmatch(value))
-
-
-def fingerprint_pixels(*arrays: np.ndarray) -> str:
-    """sha256 hex of the pixel bytes of `arrays` (dtype and shape included, so a reshape changes it)."""
-    digest = hashlib.sha256()
-    for array in arrays:
-        contiguous = np.ascontiguousarray(array)
-        digest.update(f"{contiguous.dtype.str}{contiguous.shape};".encode())
-        digest.update(memoryview(contiguous).cast("B"))
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically: a temp file in the same directory, fsync, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp_name)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write UTF-8 `text` to `path` atomically (see atomic_write_bytes)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 class ModelStore:
-    """Models, datasets and checkpoints under one root directory (see the module docstring for the layout)."""
+    """Published models under one root directory (see the module docstring for the layout)."""
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root).resolve()
         self.models_dir = self.root / "models"
-        self.datasets_dir = self.root / "datasets"
-        self.checkpoints_dir = self.root / "checkpoints"
-        self.cache_dir = self.root / "cache"
         self.names_dir = self.root / "names"
         self.tmp_dir = self.root / "tmp"
 
@@ -139,26 +85,6 @@ class ModelStore:
     def _ensure(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         return directory
-
-    def checkpoint_dir(self, job_id: str) -> Path:
-        """The checkpoint directory of a job (created if missing). ValueError for an unsafe job id."""
-        if not isinstance(job_id, str) or not CHECKPOINT_KEY_PATTERN.fullmatch(job_id):
-            raise ValueError(
-                f"A checkpoint key must be a job id such as 'j_0123456789abcdef'. Expected a match of "
-                f"{CHECKPOINT_KEY_PATTERN.pattern}. Received: job_id={job_id!r}"
-            )
-        return self._ensure(self.checkpoints_dir / job_id)
-
-    def attempt_checkpoint_dir(self, job_id: str, attempt: int) -> Path:
-        """Where attempt `attempt` of a job writes its checkpoints (created if missing)."""
-        if not isinstance(attempt, int) or attempt < 1:
-            raise ValueError(f"Expected an attempt number >= 1. Received: attempt={attempt!r}")
-        return self._ensure(self.checkpoint_dir(job_id) / str(attempt))
-
-    def delete_checkpoint(self, job_id: str) -> None:
-        """Remove a job's checkpoints (every attempt's), if any."""
-        path = self.checkpoint_dir(job_id)
-        shutil.rmtree(path, ignore_errors=True)
 
     def staging_dir(self) -> Path:
         """A fresh, empty directory inside the store (same filesystem as models/, so publishing is a rename).
@@ -304,7 +230,7 @@ class ModelStore:
             # Another publish of the same id (a second attempt of one job) won the rename: ours is withdrawn.
             (version_dir / _MODEL_ID_FILE).unlink(missing_ok=True)
             raise Conflict(f"Expected a new model id. Received: card.id={card.id!r}, published meanwhile.") from error
-        _fsync_directory(self.models_dir)
+        fsync_directory(self.models_dir)
         logger.info("published model %s (%s v%d)", card.id, card.name, card.version)
         return card
 
@@ -395,172 +321,6 @@ class ModelStore:
         logger.info("deleted model %s (%s v%d)", card.id, card.name, card.version)
         return card
 
-    # -----------------------------------------------------------------------------------------
-    # Uploaded datasets
-    # -----------------------------------------------------------------------------------------
-
-    def _check_dataset_id(self, dataset_id: str) -> str:
-        if not isinstance(dataset_id, str) or not is_dataset_id(dataset_id):
-            raise DatasetNotFound(
-                f"No uploaded dataset with this id. Expected 'ds_' + 12 hex characters. Received: dataset_id={dataset_id!r}"
-            )
-        return dataset_id
-
-    def datasets_bytes(self) -> int:
-        """Bytes the uploaded datasets take on disk (their .npz and .json files): what a store cap counts."""
-        try:
-            entries = list(os.scandir(self.datasets_dir))
-        except FileNotFoundError:
-            return 0
-        total = 0
-        for entry in entries:
-            stem, _, extension = entry.name.partition(".")
-            if extension in ("npz", "json") and is_dataset_id(stem):
-                with contextlib.suppress(FileNotFoundError):  # deleted while counting
-                    total += entry.stat(follow_symlinks=False).st_size
-        return total
-
-    def save_dataset(
-        self,
-        images: np.ndarray,
-        *,
-        filename: str | None = None,
-        description: str = "",
-        max_total_bytes: int | None = None,
-    ) -> DatasetInfo:
-        """Store validated images (float32 NHWC in [0, 1]) as datasets/<id>.npz (compressed) plus its <id>.json.
-
-        Images that are exactly k/255 are stored as uint8 (4x smaller, lossless); others as float32. With
-        `max_total_bytes`, an upload that would take the datasets past it is refused (PayloadTooLarge) and leaves
-        nothing behind.
-        """
-        if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[0] < 1:
-            raise ValueError(
-                f"Expected a non-empty (N, H, W, C) array. Received: shape={getattr(images, 'shape', None)}"
-            )
-        used = 0
-        if max_total_bytes is not None:
-            used = self.datasets_bytes()
-            _check_datasets_room(used, 1, max_total_bytes, "an upload while the store is full")  # before compressing
-        stored = _stored_pixels(np.ascontiguousarray(images, dtype=np.float32))
-        dataset_id = new_dataset_id()
-        info = DatasetInfo(
-            id=dataset_id,
-            builtin=False,
-            description=description or (f"Uploaded from {filename}" if filename else "Uploaded dataset"),
-            count=int(stored.shape[0]),
-            shape=[int(side) for side in stored.shape[1:]],
-            available=True,
-            created_at=datetime.now(UTC),
-            filename=filename,
-            fingerprint=fingerprint_pixels(stored),
-        )
-        metadata = info.model_dump_json(indent=2)
-        self._ensure(self.datasets_dir)
-        descriptor, temp_name = tempfile.mkstemp(prefix=f".{dataset_id}.", suffix=".npz.tmp", dir=self.datasets_dir)
-        try:
-            with os.fdopen(descriptor, "wb") as handle:
-                np.savez_compressed(handle, x=stored)
-                handle.flush()
-                if max_total_bytes is not None:
-                    # The compressed size is known only now; the temp file goes if it does not fit.
-                    needed = handle.tell() + len(metadata.encode())
-                    _check_datasets_room(
-                        used, needed, max_total_bytes, f"{needed:,} bytes (compressed pixels and metadata)"
-                    )
-                os.fsync(handle.fileno())
-            os.replace(temp_name, self.datasets_dir / f"{dataset_id}.npz")
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temp_name)
-            raise
-        # The metadata file is written last: its presence is what makes the dataset exist.
-        atomic_write_text(self.datasets_dir / f"{dataset_id}.json", metadata)
-        logger.info("saved dataset %s (%d images of %s)", dataset_id, info.count, info.shape)
-        return info
-
-    def dataset_info(self, dataset_id: str) -> DatasetInfo:
-        """Metadata of an uploaded dataset (cheap: reads only its .json). DatasetNotFound otherwise."""
-        self._check_dataset_id(dataset_id)
-        try:
-            text = (self.datasets_dir / f"{dataset_id}.json").read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise DatasetNotFound(f"No uploaded dataset with this id. Received: dataset_id={dataset_id!r}") from None
-        return DatasetInfo.model_validate_json(text)
-
-    def load_dataset_images(self, dataset_id: str) -> np.ndarray:
-        """All images of an uploaded dataset as float32 (N, H, W, C) in [0, 1]; compressed and (older) uncompressed
-        files alike, never unpickling anything."""
-        self.dataset_info(dataset_id)
-        try:
-            with np.load(self.datasets_dir / f"{dataset_id}.npz", allow_pickle=False) as archive:
-                stored = archive["x"]
-        except FileNotFoundError:
-            raise DatasetNotFound(
-                f"Dataset {dataset_id} has no pixel file. Received: dataset_id={dataset_id!r}"
-            ) from None
-        if stored.dtype == np.uint8:
-            return np.divide(stored, np.float32(255.0), dtype=np.float32)  # one float32 allocation, no temporary
-        return stored.astype(np.float32, copy=False)
-
-    def list_datasets(self) -> list[DatasetInfo]:
-        """Uploaded datasets, newest first."""
-        try:
-            entries = os.listdir(self.datasets_dir)
-        except FileNotFoundError:
-            return []
-        infos = []
-        for entry in entries:
-            stem, _, extension = entry.partition(".")
-            if extension != "json" or not is_dataset_id(stem):
-                continue
-            try:
-                infos.append(self.dataset_info(stem))
-            except DatasetNotFound:
-                continue
-        infos.sort(key=lambda info: (info.created_at or datetime.min.replace(tzinfo=UTC), info.id), reverse=True)
-        return infos
-
-    def delete_dataset(self, dataset_id: str) -> None:
-        """Delete an uploaded dataset. DatasetNotFound if there is none with this id."""
-        self.dataset_info(dataset_id)
-        # Metadata first: the dataset stops existing at once, the pixels follow.
-        with contextlib.suppress(FileNotFoundError):
-            (self.datasets_dir / f"{dataset_id}.json").unlink()
-        with contextlib.suppress(FileNotFoundError):
-            (self.datasets_dir / f"{dataset_id}.npz").unlink()
-        logger.info("deleted dataset %s", dataset_id)
-
-
-#: Values per step when checking whether float pixels are exactly k/255 (bounds the temporaries to a few MiB).
-_UINT8_CHECK_CHUNK = 1 << 20
-
-
-def _stored_pixels(images: np.ndarray) -> np.ndarray:
-    """uint8 when every float32 value is exactly k/255 (4x smaller, lossless), else the images themselves."""
-    as_uint8 = np.empty(images.shape, np.uint8)
-    flat_images, flat_uint8 = images.reshape(-1), as_uint8.reshape(-1)
-    for start in range(0, flat_images.size, _UINT8_CHECK_CHUNK):
-        chunk = flat_images[start : start + _UINT8_CHECK_CHUNK]
-        levels = np.rint(chunk * np.float32(255.0)).clip(0, 255)
-        if not np.array_equal(levels / np.float32(255.0), chunk):
-            return images
-        flat_uint8[start : start + _UINT8_CHECK_CHUNK] = levels
-    return as_uint8
-
-
-def _check_datasets_room(used: int, needed: int, max_total_bytes: int, received: str) -> None:
-    """PayloadTooLarge when `needed` more bytes would take the stored datasets past `max_total_bytes`."""
-    if used + needed <= max_total_bytes:
-        return
-    raise PayloadTooLarge(
-        f"The dataset store has no room for this upload: uploaded datasets take {used:,} of the {max_total_bytes:,} "
-        f"bytes allowed ({used / 2**30:.2f} of {max_total_bytes / 2**30:.2f} GiB, DAE_MAX_STORE_DATASETS_GB). "
-        f"Expected an upload that stores in at most {max(0, max_total_bytes - used):,} bytes; delete datasets to "
-        f"make room. Received: {received}"
-    )
-
-
 def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
@@ -576,11 +336,3 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename durable (best effort; not every filesystem supports fsync on directories)."""
-    with contextlib.suppress(OSError):
-        descriptor = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
