@@ -21,6 +21,7 @@ COPY --from=deps-gateway /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
 COPY dae/ dae/
+COPY core/ core/
 COPY service/ service/
 RUN mkdir -p /data/store && chown -R dae:dae /data
 USER dae
@@ -38,6 +39,7 @@ COPY --from=deps-full /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
 COPY dae/ dae/
+COPY core/ core/
 COPY service/ service/
 COPY worker/ worker/
 RUN mkdir -p /data/store && chown -R dae:dae /data

@@ -124,3 +124,30 @@ def test_readme_documents_every_setting() -> None:
     readme = (ROOT / "README.md").read_text()
     missing = sorted(name for name in _settings_env_names() if f"`{name}`" not in readme)
     assert not missing, f"README.md's configuration table lacks {missing}"
+
+
+def _stages(dockerfile: str) -> dict[str, str]:
+    """Dockerfile text per stage name (FROM ... AS name)."""
+    parts = re.split(r"^FROM \S+ AS (\S+)\s*$", dockerfile, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def _project_packages_imported(entry: str) -> set[str]:
+    """The repository's top-level packages that importing `entry` loads (in a fresh interpreter)."""
+    import json
+    import subprocess
+    import sys
+
+    code = f"import json, sys, {entry}; print(json.dumps(sorted({{name.split('.')[0] for name in sys.modules}})))"
+    output = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                            timeout=120).stdout
+    loaded = set(json.loads(output.strip().splitlines()[-1]))
+    return {package for package in loaded if (ROOT / package / "__init__.py").is_file()}
+
+
+@pytest.mark.parametrize(("stage", "entry"), [("gateway", "service.main"), ("full", "worker.tasks")])
+def test_each_image_copies_every_package_its_entry_point_imports(dockerfile: str, stage: str, entry: str) -> None:
+    copied = set(re.findall(r"^COPY (\w+)/ \1/$", _stages(dockerfile)[stage], flags=re.M))
+    needed = _project_packages_imported(entry)
+    assert needed <= copied, f"stage {stage} lacks {sorted(needed - copied)}"
+    assert {"dae", "core"} <= needed  # the check sees the packages at all
