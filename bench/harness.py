@@ -57,6 +57,7 @@ class LoadResult:
     seconds: float
     requests: int
     errors: int
+    successes: int  # 2xx/3xx answers
     p50_ms: float
     p95_ms: float
     p99_ms: float
@@ -67,6 +68,11 @@ class LoadResult:
     def rps(self) -> float:
         """Completed requests per second (errors included, as wrk counts them)."""
         return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def ok_rps(self) -> float:
+        """Successful answers per second (what a server that sheds load with 503s cannot inflate)."""
+        return self.successes / self.seconds if self.seconds > 0 else 0.0
 
 
 def load_generator_name(prefer: str = "auto") -> str:
@@ -123,6 +129,8 @@ def _run_wrk(url: str, body: bytes, *, concurrency: int, duration_s: float, labe
         seconds=summary["duration_us"] / 1e6,
         requests=int(summary["requests"]),
         errors=sum(kinds.values()),
+        # wrk counts a non-2xx/3xx answer in `requests` and in `status`; a timed-out request may complete later.
+        successes=max(0, int(summary["requests"]) - kinds.get("status", 0) - kinds.get("timeout", 0)),
         p50_ms=summary["p50_us"] / 1000,
         p95_ms=summary["p95_us"] / 1000,
         p99_ms=summary["p99_us"] / 1000,
@@ -205,7 +213,8 @@ async def _run_python(url: str, body: bytes, *, concurrency: int, duration_s: fl
     errors = {kind: count for kind, count in kinds.items() if count}
     return LoadResult(label=label, concurrency=concurrency, seconds=elapsed,
                       requests=len(latencies) + kinds["timeout"] + kinds["read"], errors=sum(errors.values()),
-                      p50_ms=p50, p95_ms=p95, p99_ms=p99, generator="python", error_kinds=errors)
+                      successes=len(latencies) - kinds["status"], p50_ms=p50, p95_ms=p95, p99_ms=p99,
+                      generator="python", error_kinds=errors)
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

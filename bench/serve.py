@@ -1,12 +1,15 @@
-"""Serving speed of the gateway's POST /reconstruct against two baselines measured in the same run.
+"""Serving speed of the gateway's POST /reconstruct against three peers measured in the same run, and the
+performance guard of issue 13.
 
     .venv/bin/python -m bench.serve [--duration 5] [--levels 1,8,32,128] [--quick] [--generator auto|wrk|python]
+    .venv/bin/python -m bench.serve --guard [--rounds 3] [--duration 4]     # the guard alone (~2 min)
 
-What it does, on this machine, one server at a time:
+What it does, on this machine, one server loaded at a time:
 1. Trains two small DAEs on Fashion-MNIST (1 epoch on a few thousand images, dae.training.fit_autoencoder) and
    publishes them with dae.publish.publish_training_result into a temporary model store: `bench-dense` (the
-   default dense architecture, 28x28x1) and `bench-conv` (the default conv architecture).
-2. Starts a redis-server and the real gateway (`uvicorn service.main:app`, one process, configured by DAE_*), then:
+   default dense architecture, 28x28x1) and `bench-conv` (the default conv architecture; not with --guard).
+2. Starts a redis-server and the real gateway (`uvicorn service.main:app`, one process, configured by DAE_*), then
+   (not with --guard):
    - cold path: the first /reconstruct of each model (nothing loaded yet), and of fresh copies published later;
    - load: one noisy 28x28 test image as base64 PNG at each concurrency level, (1) with the full default response
      (denoised PNG, error map as JSON arrays, heatmap PNG, statistics), (2) compact (`error_format=f32&heatmap=false`:
@@ -18,23 +21,32 @@ What it does, on this machine, one server at a time:
      (`format=f32&error_format=f32&heatmap=false`: denoised images and error maps as base64 float32), images/s;
      also with the images sent as base64 float32;
    - memory: resident set size of the gateway with 10 models loaded.
-3. Baseline (a), bench/baselines/keras_app.py: FastAPI + Keras `model.predict` per request, nested-list JSON in
-   and out, the same dense model (its model.keras).
-4. Baseline (b), bench/baselines/constant_app.py: the same FastAPI/uvicorn stack answering a constant JSON body,
-   swept like the gateway; then `--rounds` paired rounds at concurrency 32: each response variant's run directly
-   followed by a ceiling run (both servers up, one loaded at a time). The ceiling share target is judged on the
-   median of the per-round ratios, because the CPU this machine offers drifts within minutes.
+3. Baseline (b), bench/baselines/constant_app.py, "the ceiling": the same FastAPI/uvicorn stack answering a
+   constant JSON body, swept like the gateway; then `--rounds` paired rounds at concurrency 32: each response
+   variant's run directly followed by a ceiling run (not with --guard).
+4. Baseline (a), bench/baselines/keras_app.py: FastAPI + Keras `model.predict` per request, nested-list JSON in
+   and out, the same dense model (its model.keras); swept like the gateway (not with --guard).
+5. Peer (c), bench/baselines/bentoml_service.py: BentoML (in its own virtual environment, installed on first use
+   from bench/baselines/bentoml-requirements.txt; skipped with the reason when it cannot be installed) serving the
+   same model.onnx with adaptive batching, doing the same work as the gateway's `?format=array&heatmap=false` with
+   `pixels` in (both answers are compared before the runs).
+6. The guard: `--rounds` rounds at concurrency 32 of the gateway's same-work run directly followed by BentoML's,
+   the ceiling's and the Keras baseline's; every ratio is the median of the per-round ratios of successful answers
+   per second, because the CPU this machine offers drifts within minutes. Then BentoML once more with a 20 ms
+   latency target, to show what it sheds.
 
-Every server runs with the same uvicorn flags (one process, no access log) and is driven by the same load
-generator (wrk if installed, else a Python asyncio client; see bench/harness.py). Prints one table per
-scenario and a PASS/FAIL line per target of issue 6. The machine's load average is printed at start and end:
-other work on the machine lowers every figure.
+Our servers run with the same uvicorn flags (one process, no access log); every server is driven by the same load
+generator (wrk if installed, else a Python asyncio client; see bench/harness.py). Prints one table per scenario,
+then the guard: PASS/FAIL for >= 3x BentoML's successful answers/s with a lower p99 and >= 100x the Keras
+baseline's, and the ceiling share. The machine's load average is printed at start and end, and the CPU other
+processes took during the rounds: other work on the machine lowers every figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import io
 import json
 import os
@@ -53,6 +65,14 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from bench.baselines.bentoml_env import (
+    REQUIREMENTS,
+    BentoMLServer,
+    BentoMLUnavailable,
+    ensure_environment,
+    onnx_threads,
+    pins,
+)
 from bench.harness import (
     LoadResult,
     UvicornServer,
@@ -62,19 +82,26 @@ from bench.harness import (
     run_load,
     verdict,
 )
-from bench.interference import StolenCpu
+from bench.interference import OtherProcessesCpu, StolenCpu
 from dae.spec import ModelCard, NoiseSpec, TrainingSpec
 from dae.store import ModelStore, new_model_id
 from testing.redis_server import RedisServer
 
-# Targets of issue 6.
-TARGET_SPEEDUP_VS_KERAS = 50.0
-TARGET_SHARE_OF_CEILING = 0.40
-TARGET_P99_MS = 50.0
-TARGET_BATCH_IMAGES_PER_S = 10_000.0
-TARGET_COLD_MS = 500.0
-TARGET_RSS_MIB = 400.0
+# The performance guard of issue 13, at HEADLINE_CONCURRENCY on the dense 28x28 model, the same work on both sides.
+GUARD_TIMES_BENTOML = 3.0
+GUARD_TIMES_KERAS = 100.0
 HEADLINE_CONCURRENCY = 32
+#: The gateway's form of BentoML's work: `pixels` in; the denoised image (H×W×1) and the L1 error map (H×W) as JSON
+#: arrays, with statistics, out. No query turns off format=array's base64 PNG of the denoised image: the gateway
+#: encodes that one more thing.
+SAME_WORK_QUERY = "format=array&error_format=json&heatmap=false"
+#: BentoML's adaptive batching: at most the gateway's micro-batch; a 2 s target queues at c=32 (see the README).
+BENTOML_MAX_BATCH_SIZE = 64
+BENTOML_QUEUEING_LATENCY_MS = 2000
+BENTOML_TARGET_LATENCY_MS = 20
+BENTOML_LABEL = "BentoML"
+KERAS_LABEL = "Keras model.predict"
+CEILING_LABEL = "constant JSON"
 
 BATCH_IMAGES = 256
 BATCH_QUERY = "format=f32&error_format=f32&heatmap=false"
@@ -96,6 +123,7 @@ class Bodies:
     batch_u8: bytes
     batch_f32: bytes
     keras_pixels: bytes
+    bentoml_pixels: bytes  # a batchable BentoML API takes a batch per request: the same image as a list of one
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,15 +131,17 @@ class Bodies:
 # ---------------------------------------------------------------------------------------------
 
 
-def train_models(store: ModelStore, train_images: int) -> tuple[ModelCard, ModelCard, np.ndarray]:
-    """Train and publish bench-dense and bench-conv (1 epoch each); returns their cards and the test images."""
+def train_models(store: ModelStore, train_images: int,
+                 with_conv: bool = True) -> tuple[ModelCard, ModelCard | None, np.ndarray]:
+    """Train and publish bench-dense and bench-conv (1 epoch each; the conv one only `with_conv`); returns their
+    cards (None for a conv model not trained) and the test images."""
     from dae.data import load_dataset  # noqa: PLC0415
     from dae.publish import publish_training_result  # noqa: PLC0415
     from dae.training import fit_autoencoder  # noqa: PLC0415 - imports TensorFlow
 
     cards = []
     data = None
-    for kind in ("dense", "conv"):
+    for kind in ("dense", "conv") if with_conv else ("dense",):
         spec = TrainingSpec.model_validate({
             "name": f"bench-{kind}", "dataset": "fashion_mnist", "architecture": {"type": kind}, "epochs": 1,
             "max_train_images": train_images, "noise": NOISE.model_dump(),
@@ -123,7 +153,7 @@ def train_models(store: ModelStore, train_images: int) -> tuple[ModelCard, Model
         print(f"  trained and published {card.name} ({card.parameters:,} parameters) in "
               f"{time.perf_counter() - started:.1f} s")
         cards.append(card)
-    return cards[0], cards[1], data.test
+    return cards[0], cards[1] if with_conv else None, data.test
 
 
 def publish_copy(store: ModelStore, source: ModelCard, name: str) -> ModelCard:
@@ -150,7 +180,7 @@ def png_base64(image: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def make_bodies(test_images: np.ndarray, dense: ModelCard, conv: ModelCard) -> Bodies:
+def make_bodies(test_images: np.ndarray, dense: ModelCard, conv: ModelCard | None) -> Bodies:
     """Noisy test images (gaussian 0.3, clipped, quantized to 8 bits like a real picture) in every request form."""
     from dae.noise import add_noise  # noqa: PLC0415
 
@@ -163,7 +193,7 @@ def make_bodies(test_images: np.ndarray, dense: ModelCard, conv: ModelCard) -> B
     return Bodies(
         dense_png=json.dumps({"model": dense.name, "image": png_base64(single)}).encode(),
         dense_pixels=json.dumps({"model": dense.name, "pixels": pixels}).encode(),
-        conv_png=json.dumps({"model": conv.name, "image": png_base64(single)}).encode(),
+        conv_png=json.dumps({"model": conv.name, "image": png_base64(single)}).encode() if conv else b"",
         batch_u8=json.dumps({"model": dense.name, "array": {
             "data": base64.b64encode(batch_u8.tobytes()).decode(), "shape": list(batch.shape), "dtype": "uint8",
         }}).encode(),
@@ -171,6 +201,7 @@ def make_bodies(test_images: np.ndarray, dense: ModelCard, conv: ModelCard) -> B
             "data": base64.b64encode(batch.tobytes()).decode(), "shape": list(batch.shape), "dtype": "float32",
         }}).encode(),
         keras_pixels=json.dumps({"pixels": pixels}).encode(),
+        bentoml_pixels=json.dumps({"pixels": [pixels]}).encode(),
     )
 
 
@@ -238,11 +269,14 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per load level (default 5)")
     parser.add_argument("--levels", default="1,8,32,128", help="concurrency levels (default 1,8,32,128)")
     parser.add_argument("--quick", action="store_true", help="2 s per level, levels 1 and 32, smaller training")
+    parser.add_argument("--guard", action="store_true",
+                        help="only the performance guard: the dense model at c=32 against BentoML, the Keras "
+                             "baseline and the ceiling (no sweeps, batch, cold path or memory)")
     parser.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto",
                         help="load generator (default: wrk when installed)")
     parser.add_argument("--train-images", type=int, default=3000, help="training images per model (default 3000)")
     parser.add_argument("--rounds", type=int, default=5,
-                        help="paired gateway/ceiling rounds at c=32 for the headline ratios (default 5)")
+                        help="paired rounds at c=32 for the headline ratios (default 5)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (store, logs)")
     arguments = parser.parse_args()
     levels = [int(level) for level in arguments.levels.split(",")]
@@ -252,18 +286,22 @@ def main() -> int:
         duration, levels, warm_up = 2.0, [1, HEADLINE_CONCURRENCY], 0.5
         arguments.rounds = min(arguments.rounds, 2)
         arguments.train_images = min(arguments.train_images, 1000)
+    if arguments.guard:
+        levels = [HEADLINE_CONCURRENCY]
     generator = load_generator_name(arguments.generator)
     if HEADLINE_CONCURRENCY not in levels:
         levels = sorted({*levels, HEADLINE_CONCURRENCY})
 
     workdir = Path(tempfile.mkdtemp(prefix="dae-bench-serve-"))
-    print(f"bench/serve.py: load generator {generator}, {duration:g} s per level, levels {levels}")
+    print(f"bench/serve.py: load generator {generator}, {duration:g} s per level, levels {levels}"
+          + (", guard only" if arguments.guard else ""))
     print(f"load average at start: {load_average()}")
     whole_run = StolenCpu()
     print(f"work directory: {workdir}")
+    bentoml = bentoml_environment(workdir)
     redis_server = RedisServer(workdir / "redis")
     try:
-        return run(arguments, workdir, redis_server.url, levels, duration, warm_up, generator)
+        return run(arguments, workdir, redis_server.url, levels, duration, warm_up, generator, bentoml)
     finally:
         print(f"CPU stolen by the host (other virtual machines) during the run: {whole_run.fraction():.0%} of the "
               "cores' time; figures from runs with much steal are not comparable with quiet ones")
@@ -272,117 +310,190 @@ def main() -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def bentoml_environment(workdir: Path) -> Path | str:
+    """The BentoML peer's virtual environment (installed on first use, cached), or why it cannot be had."""
+    started = time.perf_counter()
+    try:
+        venv = ensure_environment(workdir / "bentoml-install.log")
+    except BentoMLUnavailable as error:
+        print(f"BentoML peer SKIPPED: its environment could not be installed ({error})")
+        return str(error)
+    print(f"BentoML peer: {', '.join(f'{name}=={version}' for name, version in sorted(pins(REQUIREMENTS).items()))} "
+          f"in {venv} ({time.perf_counter() - started:.1f} s to install or find)")
+    return venv
+
+
+@dataclass
+class Scenarios:
+    """What the full run measures on the gateway besides the guard."""
+
+    sweeps: list[LoadResult]
+    batch: list[LoadResult]
+    cold_ms: dict[str, float]
+    sessions: int
+    rss_mib: float
+    peak_mib: float
+    rss_two_models_mib: float
+
+
+def gateway_scenarios(gateway: UvicornServer, store: ModelStore, dense: ModelCard, conv: ModelCard, bodies: Bodies,
+                      levels: list[int], duration: float, warm_up: float, generator: str,
+                      quick: bool) -> Scenarios:
+    """The sweeps of every response variant, the batch, the cold path and memory (see the module docstring)."""
+    copies = [publish_copy(store, dense if index % 2 == 0 else conv, f"bench-copy-{index}")
+              for index in range(MODELS_FOR_MEMORY - 2)]
+    endpoint = gateway.url + "/reconstruct"
+    cold_ms = {"bench-dense (first request of the process)": timed_first_request(gateway.url, bodies.dense_png),
+               "bench-conv": timed_first_request(gateway.url, bodies.conv_png)}
+    check_answer(f"{endpoint}?{BATCH_QUERY}", bodies.batch_u8)
+    sweeps = sweep(endpoint, bodies.dense_png, "gateway dense PNG, full", levels, duration, generator, warm_up)
+    sweeps += sweep(f"{endpoint}?{COMPACT_QUERY}", bodies.dense_png, "gateway dense PNG, compact", levels, duration,
+                    generator, warm_up)
+    sweeps += sweep(f"{endpoint}?{LEAN_QUERY}", bodies.dense_png, "gateway dense PNG, image+stats", levels, duration,
+                    generator, warm_up)
+    sweeps += sweep(endpoint, bodies.dense_pixels, "gateway dense pixels, full", [HEADLINE_CONCURRENCY], duration,
+                    generator, warm_up)
+    sweeps += sweep(endpoint, bodies.conv_png, "gateway conv PNG, full", levels, duration, generator, warm_up)
+    batch_levels = [1, 2] if quick else [1, 2, 4]
+    batch = sweep(f"{endpoint}?{BATCH_QUERY}", bodies.batch_u8, f"batch {BATCH_IMAGES}, uint8 in", batch_levels,
+                  duration, generator, warm_up)
+    batch += sweep(f"{endpoint}?{BATCH_QUERY}", bodies.batch_f32, f"batch {BATCH_IMAGES}, float32 in", [2],
+                   duration, generator, 0)
+    rss_two_models, _ = gateway.memory_mib()
+    for copy in copies:
+        source = dense if copy.spec.architecture.type == "dense" else conv
+        body = (bodies.dense_png if source is dense else bodies.conv_png).replace(
+            f'"model": "{source.name}"'.encode(), f'"model": "{copy.name}"'.encode())
+        cold_ms[copy.name] = timed_first_request(gateway.url, body)
+    metrics_text = httpx.get(gateway.url + "/metrics", timeout=10).text
+    sessions = next((int(float(line.split()[-1])) for line in metrics_text.splitlines()
+                     if line.startswith("dae_inference_sessions ")), -1)
+    rss_mib, peak_mib = gateway.memory_mib()
+    return Scenarios(sweeps, batch, cold_ms, sessions, rss_mib, peak_mib, rss_two_models)
+
+
 def run(arguments: argparse.Namespace, workdir: Path, redis_url: str, levels: list[int], duration: float,
-        warm_up: float, generator: str) -> int:
+        warm_up: float, generator: str, bentoml: Path | str) -> int:
     """The measurements (see the module docstring)."""
     store = ModelStore(workdir / "store")
     print("\n== building models")
-    dense, conv, test_images = train_models(store, arguments.train_images)
+    dense, conv, test_images = train_models(store, arguments.train_images, with_conv=not arguments.guard)
     bodies = make_bodies(test_images, dense, conv)
-    copies = [publish_copy(store, dense if index % 2 == 0 else conv, f"bench-copy-{index}")
-              for index in range(MODELS_FOR_MEMORY - 2)]
-
-    # -- the gateway --------------------------------------------------------------------------------
-    print("\n== gateway (uvicorn service.main:app)")
-    gateway_env = {"DAE_REDIS_URL": redis_url, "DAE_STORE_DIR": str(store.root)}
-    with UvicornServer("service.main:app", env=gateway_env, log_path=workdir / "gateway.log") as gateway:
-        endpoint = gateway.url + "/reconstruct"
-        lean = f"{endpoint}?{LEAN_QUERY}"
-        cold_ms = {"bench-dense (first request of the process)": timed_first_request(gateway.url, bodies.dense_png),
-                   "bench-conv": timed_first_request(gateway.url, bodies.conv_png)}
-        check_answer(endpoint, bodies.dense_pixels)
-        check_answer(f"{endpoint}?{BATCH_QUERY}", bodies.batch_u8)
-        full = sweep(endpoint, bodies.dense_png, "gateway dense PNG, full", levels, duration, generator, warm_up)
-        compact = sweep(f"{endpoint}?{COMPACT_QUERY}", bodies.dense_png, "gateway dense PNG, compact", levels,
-                        duration, generator, warm_up)
-        image_only = sweep(lean, bodies.dense_png, "gateway dense PNG, image+stats", levels, duration, generator,
-                           warm_up)
-        pixels = sweep(endpoint, bodies.dense_pixels, "gateway dense pixels, full", [HEADLINE_CONCURRENCY],
-                       duration, generator, warm_up)
-        conv_full = sweep(endpoint, bodies.conv_png, "gateway conv PNG, full", levels, duration, generator, warm_up)
-        batch_levels = [1, 2] if arguments.quick else [1, 2, 4]
-        batch = sweep(f"{endpoint}?{BATCH_QUERY}", bodies.batch_u8, f"batch {BATCH_IMAGES}, uint8 in", batch_levels,
-                      duration, generator, warm_up)
-        batch += sweep(f"{endpoint}?{BATCH_QUERY}", bodies.batch_f32, f"batch {BATCH_IMAGES}, float32 in", [2],
-                       duration, generator, 0)
-        memory_before = gateway.memory_mib()
-        for copy in copies:
-            source = dense if copy.spec.architecture.type == "dense" else conv
-            body = (bodies.dense_png if source is dense else bodies.conv_png).replace(
-                f'"model": "{source.name}"'.encode(), f'"model": "{copy.name}"'.encode())
-            cold_ms[copy.name] = timed_first_request(gateway.url, body)
-        metrics_text = httpx.get(gateway.url + "/metrics", timeout=10).text
-        sessions = next((int(float(line.split()[-1])) for line in metrics_text.splitlines()
-                         if line.startswith("dae_inference_sessions ")), -1)
-        rss_mib, peak_mib = gateway.memory_mib()
-
-        # -- baseline (b), then gateway and ceiling in alternation --------------------------------------
-        print("\n== baseline (b): constant JSON on the same stack")
-        with UvicornServer("bench.baselines.constant_app:app", log_path=workdir / "constant.log") as constant:
-            constant_url = constant.url + "/reconstruct"
-            constant_results = sweep(constant_url, bodies.dense_png, "constant JSON", levels, duration, generator,
-                                     warm_up)
-            variants = {"full response": endpoint, "compact response": f"{endpoint}?{COMPACT_QUERY}",
-                        "image+stats response": lean}
-            paired = paired_rounds(gateway, variants, constant, constant_url, bodies.dense_png, arguments.rounds,
-                                   duration, generator)
-    print("\n== baseline (a): FastAPI + Keras model.predict, nested lists")
-    keras_env = {"BENCH_KERAS_MODEL": str(store.artifact_path(dense.id, "model.keras"))}
     # Each predict takes tens of ms, so at high concurrency answers take seconds: longer runs, longer timeouts.
     keras_duration = max(duration, KERAS_MIN_DURATION_S)
-    with UvicornServer("bench.baselines.keras_app:app", env=keras_env, log_path=workdir / "keras.log") as keras_app:
-        check_answer(keras_app.url + "/reconstruct", bodies.keras_pixels)
-        keras_results = sweep(keras_app.url + "/reconstruct", bodies.keras_pixels, "keras model.predict", levels,
-                              keras_duration, generator, warm_up, timeout_s=KERAS_TIMEOUT_S)
+    scenarios: Scenarios | None = None
+    paired: dict[str, list[PairedRound]] = {}
+    shedding: LoadResult | None = None
+    with contextlib.ExitStack() as servers:
+        print("\n== gateway (uvicorn service.main:app)")
+        gateway_env = {"DAE_REDIS_URL": redis_url, "DAE_STORE_DIR": str(store.root)}
+        gateway = servers.enter_context(UvicornServer("service.main:app", env=gateway_env,
+                                                      log_path=workdir / "gateway.log"))
+        endpoint = gateway.url + "/reconstruct"
+        same_work = f"{endpoint}?{SAME_WORK_QUERY}"
+        check_answer(same_work, bodies.dense_pixels)
+        if conv is not None:
+            scenarios = gateway_scenarios(gateway, store, dense, conv, bodies, levels, duration, warm_up, generator,
+                                          arguments.quick)
 
-    # -- report -------------------------------------------------------------------------------------
+        print("\n== baseline (b): constant JSON on the same stack")
+        constant = servers.enter_context(UvicornServer("bench.baselines.constant_app:app",
+                                                       log_path=workdir / "constant.log"))
+        constant_url = constant.url + "/reconstruct"
+        constant_results = [] if scenarios is None else sweep(constant_url, bodies.dense_png, "constant JSON", levels,
+                                                              duration, generator, warm_up)
+        if scenarios is not None:
+            variants = {"full response": endpoint, "compact response": f"{endpoint}?{COMPACT_QUERY}",
+                        "image+stats response": f"{endpoint}?{LEAN_QUERY}"}
+            paired = paired_rounds(gateway, variants, constant, constant_url, bodies.dense_png, arguments.rounds,
+                                   duration, generator)
+
+        print("\n== baseline (a): FastAPI + Keras model.predict, nested lists")
+        keras_env = {"BENCH_KERAS_MODEL": str(store.artifact_path(dense.id, "model.keras"))}
+        keras_app = servers.enter_context(UvicornServer("bench.baselines.keras_app:app", env=keras_env,
+                                                        log_path=workdir / "keras.log"))
+        keras_url = keras_app.url + "/reconstruct"
+        check_answer(keras_url, bodies.keras_pixels)
+        keras_results = [] if scenarios is None else sweep(
+            keras_url, bodies.keras_pixels, "keras model.predict", levels, keras_duration, generator, warm_up,
+            timeout_s=KERAS_TIMEOUT_S)
+
+        targets = [Target(CEILING_LABEL, constant_url, bodies.dense_pixels, duration),
+                   Target(KERAS_LABEL, keras_url, bodies.keras_pixels, keras_duration, KERAS_TIMEOUT_S)]
+        peer: BentoMLServer | None = None
+        onnx_path = store.artifact_path(dense.id, "model.onnx")
+        if isinstance(bentoml, Path):
+            peer = servers.enter_context(bentoml_server(bentoml, onnx_path, BENTOML_QUEUEING_LATENCY_MS, workdir))
+            check_same_answers(same_work, bodies.dense_pixels, peer.url + "/reconstruct", bodies.bentoml_pixels)
+            targets.insert(0, Target(BENTOML_LABEL, peer.url + "/reconstruct", bodies.bentoml_pixels, duration))
+        guard = guard_rounds(gateway, same_work, bodies.dense_pixels, targets, arguments.rounds, duration, generator,
+                             warm_up)
+        if isinstance(bentoml, Path) and peer is not None:
+            peer.stop()
+            with bentoml_server(bentoml, onnx_path, BENTOML_TARGET_LATENCY_MS, workdir) as shedding_peer:
+                shedding = bentoml_run(shedding_peer.url + "/reconstruct", bodies.bentoml_pixels,
+                                       f"BentoML max_latency_ms={BENTOML_TARGET_LATENCY_MS}", duration, generator,
+                                       warm_up)
+
     print("\n" + "=" * 100)
-    print(f"RESULTS  (load generator {generator}; {duration:g} s per level, Keras {keras_duration:g} s; "
-          "one uvicorn process per server)")
+    print(f"RESULTS  (load generator {generator}; {duration:g} s per run, Keras {keras_duration:g} s; one uvicorn "
+          "process per server of ours)")
+    if scenarios is not None:
+        report_scenarios(scenarios, constant_results, keras_results, paired, arguments.rounds)
+    passed = report_guard(guard, shedding, bentoml)
+    print(f"load average at end: {load_average()}")
+    return 0 if passed else 1
+
+
+def report_scenarios(scenarios: Scenarios, constant_results: list[LoadResult], keras_results: list[LoadResult],
+                     paired: dict[str, list[PairedRound]], rounds: int) -> None:
+    """The tables and figures of the full run (informational: the guard below is what passes or fails)."""
     headers = ["scenario", "conc.", "req/s", "p50 ms", "p95 ms", "p99 ms", "errors"]
-    print(format_table(headers, result_rows(full + compact + image_only + pixels + conv_full + constant_results
-                                            + keras_results)))
+    print(format_table(headers, result_rows(scenarios.sweeps + constant_results + keras_results)))
     print("full = default response (denoised PNG, error map JSON, heatmap PNG, stats); compact = "
           f"?{COMPACT_QUERY} (denoised PNG, error map base64 float32, stats); image+stats = ?{LEAN_QUERY}")
     print()
-    print(format_table([*headers, "images/s"], result_rows(batch, BATCH_IMAGES)))
+    print(format_table([*headers, "images/s"], result_rows(scenarios.batch, BATCH_IMAGES)))
     print(f"batch: {BATCH_IMAGES} images (28x28) per request as a base64 array, response ?{BATCH_QUERY}")
-    print("\ncold path (first /reconstruct of a model not loaded yet, ms): "
-          + ", ".join(f"{name} {value:.0f}" for name, value in cold_ms.items()))
-    print(f"gateway memory: RSS {rss_mib:.0f} MiB with {sessions} models loaded (peak {peak_mib:.0f} MiB; "
-          f"{memory_before[0]:.0f} MiB with 2 loaded, after the load runs)")
-
-    print("\nTARGETS (issue 6)")
-    checks = []
-    keras_headline = at_level(keras_results, HEADLINE_CONCURRENCY)
-    constant_headline = at_level(constant_results, HEADLINE_CONCURRENCY)
-    print(f"(the ceiling share is the median over {arguments.rounds} rounds in which the gateway and the constant "
-          f"app ran back to back; the single sweep above gave "
-          + ", ".join(f"{label} {at_level(results, HEADLINE_CONCURRENCY).rps / constant_headline.rps:.0%}"
-                      for label, results in (("full", full), ("compact", compact), ("image+stats", image_only)))
-          + ")")
-    for label, rounds in paired.items():
-        checks += headline_checks(label, rounds, keras_headline)
-    batch_u8 = [result for result in batch if "uint8" in result.label]
+    batch_u8 = [result for result in scenarios.batch if "uint8" in result.label]
     best_batch = max(batch_u8, key=lambda result: result.rps)
-    batch_rate = best_batch.rps * BATCH_IMAGES
-    checks.append((f"batch of {BATCH_IMAGES} (uint8 in), compact response: {batch_rate:,.0f} images/s "
-                   f"(best of c={[result.concurrency for result in batch_u8]}: c={best_batch.concurrency}, "
-                   f"{best_batch.errors} errors)", f">= {TARGET_BATCH_IMAGES_PER_S:,.0f}",
-                   batch_rate >= TARGET_BATCH_IMAGES_PER_S and best_batch.errors == 0))
-    worst_cold = max(cold_ms.values())
-    checks.append((f"cold path: worst first /reconstruct {worst_cold:.0f} ms (median "
-                   f"{statistics.median(cold_ms.values()):.0f} ms over {len(cold_ms)} models)",
-                   f"<= {TARGET_COLD_MS:.0f} ms", worst_cold <= TARGET_COLD_MS))
-    checks.append((f"gateway RSS with {sessions} models loaded: {rss_mib:.0f} MiB", f"<= {TARGET_RSS_MIB:.0f} MiB",
-                   rss_mib <= TARGET_RSS_MIB and sessions >= MODELS_FOR_MEMORY))
-    for description, target, passed in checks:
-        print(f"  {verdict(passed)}  {description}  (target {target})")
-    paired_runs = [pair.gateway for rounds in paired.values() for pair in rounds]
-    all_errors = sum(result.errors for result in full + compact + image_only + pixels + conv_full + batch + paired_runs)
-    print(f"\nall gateway runs: {all_errors} errors")
-    print(f"load average at end: {load_average()}")
-    return 0 if all(passed for _, _, passed in checks) else 1
+    print(f"batch of {BATCH_IMAGES} (uint8 in), compact response: {best_batch.rps * BATCH_IMAGES:,.0f} images/s "
+          f"(best of c={[result.concurrency for result in batch_u8]}: c={best_batch.concurrency}, "
+          f"{best_batch.errors} errors)")
+    cold_ms = scenarios.cold_ms
+    print(f"cold path (first /reconstruct of a model not loaded yet): worst {max(cold_ms.values()):.0f} ms, median "
+          f"{statistics.median(cold_ms.values()):.0f} ms over {len(cold_ms)} models: "
+          + ", ".join(f"{name} {value:.0f}" for name, value in cold_ms.items()))
+    print(f"gateway memory: RSS {scenarios.rss_mib:.0f} MiB with {scenarios.sessions} models loaded (peak "
+          f"{scenarios.peak_mib:.0f} MiB; {scenarios.rss_two_models_mib:.0f} MiB with 2 loaded, after the load runs)")
+    constant_headline = at_level(constant_results, HEADLINE_CONCURRENCY)
+    print(f"\nceiling share at c={HEADLINE_CONCURRENCY}, PNG in (median of {rounds} rounds of the variant followed by "
+          "the constant app; the single sweeps above gave "
+          + ", ".join(f"{result.label.removeprefix('gateway dense PNG, ')} {result.rps / constant_headline.rps:.0%}"
+                      for result in scenarios.sweeps
+                      if result.label.startswith("gateway dense PNG") and result.concurrency == HEADLINE_CONCURRENCY)
+          + "):")
+    for label, variant_rounds in paired.items():
+        print("  " + ceiling_line(label, variant_rounds))
+    all_errors = sum(result.errors for result in scenarios.sweeps + scenarios.batch)
+    all_errors += sum(pair.gateway.errors for variant_rounds in paired.values() for pair in variant_rounds)
+    print(f"all gateway runs above: {all_errors} errors")
+
+
+def ceiling_line(label: str, rounds: list[PairedRound]) -> str:
+    """One variant's c=32 figures from its paired rounds: req/s, share of the ceiling, p99, errors (medians)."""
+    shares = [pair.share for pair in rounds]
+    p99s = [pair.gateway.p99_ms for pair in rounds]
+    return (f"{label}: {statistics.median(pair.gateway.rps for pair in rounds):,.0f} req/s, "
+            f"{statistics.median(shares):.0%} of the ceiling (rounds: " + ", ".join(f"{value:.0%}" for value in shares)
+            + f"; by event-loop CPU per request: {statistics.median(pair.cpu_share for pair in rounds):.0%}), "
+            f"p99 {statistics.median(p99s):.1f} ms (rounds: " + ", ".join(f"{value:.1f}" for value in p99s)
+            + f"), {sum(pair.gateway.errors for pair in rounds)} errors")
+
+
+# ---------------------------------------------------------------------------------------------
+# The gateway against the ceiling, in alternation
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -445,30 +556,157 @@ def paired_rounds(gateway: UvicornServer, variants: dict[str, str], constant: Uv
     return paired
 
 
-def headline_checks(label: str, rounds: list[PairedRound], keras: LoadResult) -> list[tuple]:
-    """(description, target, passed) of the four c=32 targets for one response variant, from its paired rounds
-    (medians over the rounds; every round's figure is printed)."""
-    gateway_rps = statistics.median(pair.gateway.rps for pair in rounds)
-    shares = [pair.share for pair in rounds]
-    share = statistics.median(shares)
-    cpu_share = statistics.median(pair.cpu_share for pair in rounds)
-    p99s = [pair.gateway.p99_ms for pair in rounds]
-    p99 = statistics.median(p99s)
-    errors = sum(pair.gateway.errors for pair in rounds)
-    speedup = gateway_rps / keras.rps if keras.rps > 0 else float("nan")
-    prefix = f"dense 28x28 c={HEADLINE_CONCURRENCY}, {label}:"
-    keras_note = "" if keras.requests else " (the baseline completed no request: raise --duration)"
-    return [
-        (f"{prefix} {speedup:.0f}x the req/s of Keras model.predict ({gateway_rps:,.0f} vs {keras.rps:,.1f})"
-         f"{keras_note}", f">= {TARGET_SPEEDUP_VS_KERAS:.0f}x", speedup >= TARGET_SPEEDUP_VS_KERAS),
-        (f"{prefix} {share:.0%} of the constant-JSON ceiling (median of rounds: "
-         + ", ".join(f"{value:.0%}" for value in shares) + f"; by event-loop CPU per request: {cpu_share:.0%})",
-         f">= {TARGET_SHARE_OF_CEILING:.0%}", share >= TARGET_SHARE_OF_CEILING),
-        (f"{prefix} p99 {p99:.1f} ms (median of rounds: " + ", ".join(f"{value:.1f}" for value in p99s) + ")",
-         f"<= {TARGET_P99_MS:.0f} ms", p99 <= TARGET_P99_MS),
-        (f"{prefix} {errors} errors", "0", errors == 0),
-    ]
+# ---------------------------------------------------------------------------------------------
+# The performance guard: the gateway against BentoML doing the same work
+# ---------------------------------------------------------------------------------------------
 
+
+def bentoml_server(venv: Path, onnx_path: Path, max_latency_ms: int, workdir: Path) -> BentoMLServer:
+    """BentoML serving `onnx_path` with adaptive batching (not started: use it as a context manager)."""
+    print(f"\n== peer (c): BentoML, adaptive batching max_batch_size={BENTOML_MAX_BATCH_SIZE}, "
+          f"max_latency_ms={max_latency_ms}")
+    return BentoMLServer(venv, onnx_path=onnx_path, threads=onnx_threads(), max_batch_size=BENTOML_MAX_BATCH_SIZE,
+                         max_latency_ms=max_latency_ms, log_path=workdir / f"bentoml-{max_latency_ms}ms.log",
+                         home=workdir / "bentoml-home")
+
+
+def check_same_answers(gateway_url: str, gateway_body: bytes, bentoml_url: str, bentoml_body: bytes) -> None:
+    """Both answer the same image with the same denoised image, error map and statistics (else it is not the
+    same work); raises RuntimeError otherwise."""
+    answers = []
+    for url, body in ((gateway_url, gateway_body), (bentoml_url, bentoml_body)):
+        response = httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=60)
+        if response.status_code != 200:
+            raise RuntimeError(f"POST {url} answered {response.status_code}: {response.text[:500]}")
+        answers.append(response.json())
+    ours, theirs = answers[0]["results"][0], answers[1][0]
+    differences = {name: float(np.max(np.abs(np.asarray(ours[name], np.float64) - np.asarray(theirs[name]))))
+                   for name in ("denoised", "error_map")}
+    differences |= {f"error_stats.{name}": abs(ours["error_stats"][name] - theirs["error_stats"][name])
+                    for name in ("mean", "max", "p99")}
+    if ours["shape"] != theirs["shape"] or max(differences.values()) > 1e-4:
+        raise RuntimeError(f"the gateway and BentoML answered differently (shape {ours['shape']} vs "
+                           f"{theirs['shape']}; largest differences {differences})")
+    extra = sorted(set(ours) - set(theirs))
+    print(f"  same answer from both (largest difference {max(differences.values()):.1e}); the gateway also sends "
+          f"{', '.join(extra)} (and the model and mean_error around the result)")
+
+
+@dataclass
+class Target:
+    """A server the guard rounds load right after the gateway, with its request and run length."""
+
+    label: str
+    url: str
+    body: bytes
+    duration_s: float
+    timeout_s: float = 10.0
+
+
+@dataclass
+class GuardRound:
+    """The gateway's same-work run, then each target's run (BentoML first), seconds apart."""
+
+    gateway: LoadResult
+    targets: dict[str, LoadResult]
+    other_cores: float  # cores other processes on the machine used during the round
+
+    def times(self, label: str) -> float:
+        """Successful answers per second, gateway / the target's."""
+        other = self.targets[label].ok_rps
+        return self.gateway.ok_rps / other if other > 0 else float("inf")
+
+
+def bentoml_run(url: str, body: bytes, label: str, duration_s: float, generator: str, warm_up_s: float) -> LoadResult:
+    """A warm-up (BentoML's batching learns its batch latency), then one run at the headline concurrency."""
+    if warm_up_s > 0:
+        run_load(url, body, concurrency=HEADLINE_CONCURRENCY, duration_s=warm_up_s, label="warm-up",
+                 generator=generator)
+    result = run_load(url, body, concurrency=HEADLINE_CONCURRENCY, duration_s=duration_s, label=label,
+                      generator=generator)
+    print(f"  {label}: {result.rps:,.1f} answers/s, {result.ok_rps:,.1f} successful/s, p50 {result.p50_ms:.1f} ms, "
+          f"p99 {result.p99_ms:.1f} ms, errors {result.errors} {result.error_kinds or ''}", flush=True)
+    return result
+
+
+def guard_rounds(gateway: UvicornServer, gateway_url: str, gateway_body: bytes, targets: list[Target], rounds: int,
+                 duration_s: float, generator: str, warm_up_s: float) -> list[GuardRound]:
+    """`rounds` times at the headline concurrency: the gateway's run, directly followed by each target's (every
+    server up, one loaded at a time), so that each ratio compares runs seconds apart on a machine whose free CPU
+    drifts within minutes."""
+    print(f"\n== guard rounds at c={HEADLINE_CONCURRENCY}: the gateway (?{SAME_WORK_QUERY}), then "
+          + ", then ".join(target.label for target in targets))
+    if warm_up_s > 0:
+        for url, body, timeout_s in [(gateway_url, gateway_body, 10.0),
+                                     *((target.url, target.body, target.timeout_s) for target in targets)]:
+            run_load(url, body, concurrency=HEADLINE_CONCURRENCY, duration_s=warm_up_s, label="warm-up",
+                     generator=generator, timeout_s=timeout_s)
+    results = []
+    with OtherProcessesCpu(interval_s=1.0) as others:
+        for round_index in range(rounds):
+            started = time.time()
+            gateway_run, _, _ = measured_run(gateway, gateway_url, gateway_body, "gateway, same work", duration_s,
+                                             generator)
+            runs = {target.label: run_load(target.url, target.body, concurrency=HEADLINE_CONCURRENCY,
+                                           duration_s=target.duration_s, label=target.label, generator=generator,
+                                           timeout_s=target.timeout_s)
+                    for target in targets}
+            result = GuardRound(gateway_run, runs, others.cores_between(started, time.time()))
+            results.append(result)
+            print(f"  round {round_index + 1}: gateway {gateway_run.ok_rps:7.1f} ok/s (p99 {gateway_run.p99_ms:6.1f} "
+                  f"ms, errors {gateway_run.errors});  "
+                  + ";  ".join(f"{label} {run.ok_rps:7.1f} ok/s (p99 {run.p99_ms:6.1f} ms, errors {run.errors}): "
+                               + (f"share {result.times(label):.0%}" if label == CEILING_LABEL
+                                  else f"{result.times(label):.1f}x") for label, run in runs.items())
+                  + f";  other processes {result.other_cores:.2f} cores", flush=True)
+    return results
+
+
+def report_guard(rounds: list[GuardRound], shedding: LoadResult | None, bentoml: Path | str) -> bool:
+    """Print the guard of issue 13 (medians over the paired rounds); True when every judged check passed."""
+    print(f"\nPERFORMANCE GUARD (issue 13): dense 28x28, c={HEADLINE_CONCURRENCY}, the same work on both sides "
+          f"(gateway POST /reconstruct?{SAME_WORK_QUERY} with pixels; BentoML batchable /reconstruct, "
+          f"max_batch_size={BENTOML_MAX_BATCH_SIZE}, max_latency_ms={BENTOML_QUEUEING_LATENCY_MS}); medians of "
+          f"{len(rounds)} paired rounds; answers/s = successful (2xx) answers per second")
+    checks: list[bool] = []
+    gateway_ok_rps = statistics.median(result.gateway.ok_rps for result in rounds)
+    gateway_p99 = statistics.median(result.gateway.p99_ms for result in rounds)
+    gateway_p50 = statistics.median(result.gateway.p50_ms for result in rounds)
+
+    def figures(label: str) -> tuple[float, list[float], float, float, int]:
+        ratios = [result.times(label) for result in rounds]
+        runs = [result.targets[label] for result in rounds]
+        return (statistics.median(ratios), ratios, statistics.median(run.ok_rps for run in runs),
+                statistics.median(run.p99_ms for run in runs), sum(run.errors for run in runs))
+
+    if BENTOML_LABEL not in rounds[0].targets:
+        print(f"  SKIP  BentoML peer not measured: {bentoml}")
+    else:
+        times, ratios, ok_rps, p99, errors = figures(BENTOML_LABEL)
+        p50 = statistics.median(result.targets[BENTOML_LABEL].p50_ms for result in rounds)
+        checks.append(times >= GUARD_TIMES_BENTOML and gateway_p99 < p99)
+        print(f"  {verdict(checks[-1])}  {times:.1f}x BentoML's answers/s ({gateway_ok_rps:,.0f} vs {ok_rps:,.0f}; "
+              "rounds: " + ", ".join(f"{ratio:.1f}x" for ratio in ratios) + f") with a lower p99 ({gateway_p99:.1f} "
+              f"vs {p99:.1f} ms; p50 {gateway_p50:.1f} vs {p50:.1f} ms)  (target >= {GUARD_TIMES_BENTOML:g}x and a "
+              "lower p99)")
+        print(f"        errors over the rounds: gateway {sum(result.gateway.errors for result in rounds)}, BentoML "
+              f"{errors}")
+    times, ratios, ok_rps, p99, errors = figures(KERAS_LABEL)
+    checks.append(times >= GUARD_TIMES_KERAS)
+    print(f"  {verdict(checks[-1])}  {times:.0f}x the FastAPI + Keras model.predict baseline's answers/s "
+          f"({gateway_ok_rps:,.0f} vs {ok_rps:,.1f}; rounds: " + ", ".join(f"{ratio:.0f}x" for ratio in ratios)
+          + f"; its p99 {p99:,.0f} ms, {errors} errors)  (target >= {GUARD_TIMES_KERAS:g}x)")
+    _, shares, ceiling_rps, _, _ = figures(CEILING_LABEL)
+    print(f"  ceiling share (reported): {statistics.median(shares):.0%} of the constant-JSON app's req/s "
+          f"({gateway_ok_rps:,.0f} vs {ceiling_rps:,.0f}; rounds: " + ", ".join(f"{share:.0%}" for share in shares)
+          + ")")
+    if shedding is not None:
+        print(f"  BentoML with max_latency_ms={BENTOML_TARGET_LATENCY_MS} (reported): {shedding.rps:,.0f} answers/s of "
+              f"which {shedding.ok_rps:,.0f}/s successful; {shedding.error_kinds.get('status', 0):,} of "
+              f"{shedding.requests:,} answers non-2xx (503: shed); p99 {shedding.p99_ms:.1f} ms")
+    cores = ", ".join(f"{result.other_cores:.2f}" for result in rounds)
+    print(f"  other processes on the machine used {cores} cores during the rounds (of {os.cpu_count()})")
+    return all(checks)
 
 if __name__ == "__main__":
     sys.exit(main())
