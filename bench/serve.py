@@ -83,8 +83,8 @@ from bench.harness import (
     verdict,
 )
 from bench.interference import OtherProcessesCpu, StolenCpu
+from core.store import ModelStore, new_model_id
 from dae.spec import ModelCard, NoiseSpec, TrainingSpec
-from dae.store import ModelStore, new_model_id
 from testing.redis_server import RedisServer
 
 # The performance guard of issue 13, at HEADLINE_CONCURRENCY on the dense 28x28 model, the same work on both sides.
@@ -149,7 +149,7 @@ def train_models(store: ModelStore, train_images: int,
         started = time.perf_counter()
         data = load_dataset(spec.dataset, seed=spec.seed, max_train_images=train_images)
         result = fit_autoencoder(spec, data)
-        card = publish_training_result(result, spec, store)
+        card = publish_training_result(result, spec, store, model_id=new_model_id())
         print(f"  trained and published {card.name} ({card.parameters:,} parameters) in "
               f"{time.perf_counter() - started:.1f} s")
         cards.append(card)
