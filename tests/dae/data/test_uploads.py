@@ -1,262 +1,21 @@
-"""Datasets: IDX parsing, built-ins (shapes, ranges, determinism, disjoint splits), uploads and their validation."""
+"""Uploaded datasets: .npz and zips of PNGs, their validation, and caps checked before anything is decoded."""
 
 from __future__ import annotations
 
-import gzip
 import io
 import struct
-import sys
 import time
 import tracemalloc
-import types
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from core.datasets import DatasetStore
 from dae import data
-from dae.errors import DatasetNotFound, DatasetUnavailable, InvalidDataset, PayloadTooLarge
-from dae.fingerprints import fingerprint_pixels
+from dae.data import png_zip
+from dae.errors import InvalidDataset, PayloadTooLarge
 from tests.hostile_payloads import empty_members_zip, npz_bomb, png_with_header
-
-REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
-
-
-# ---------------------------------------------------------------------------------------------
-# IDX / Fashion-MNIST
-# ---------------------------------------------------------------------------------------------
-
-
-def idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
-    header = bytes([0, 0, type_code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-
-
-def write_fashion_dir(directory: Path, train: np.ndarray, test: np.ndarray) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, pixels in (("train-images-idx3-ubyte.gz", train), ("t10k-images-idx3-ubyte.gz", test)):
-        with gzip.open(directory / name, "wb") as handle:
-            handle.write(idx_bytes(pixels))
-    return directory
-
-
-def test_parse_idx_reads_dims_big_endian_and_values() -> None:
-    pixels = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-    raw = idx_bytes(pixels)
-    assert raw[:8] == b"\x00\x00\x08\x03\x00\x00\x00\x02"  # magic, then dim 0 = 2 as big-endian uint32
-    np.testing.assert_array_equal(data.parse_idx(raw), pixels)
-    shorts = np.array([[1, -2], [300, 4]], dtype=np.int16)
-    np.testing.assert_array_equal(data.parse_idx(idx_bytes(shorts, type_code=0x0B)), shorts)
-
-
-@pytest.mark.parametrize(
-    ("raw", "message"),
-    [
-        (b"\x01\x00\x08\x01\x00\x00\x00\x01\x05", "two zero bytes"),
-        (b"\x00\x00\x07\x01\x00\x00\x00\x01\x05", "type code"),
-        (b"\x00\x00\x08\x02\x00\x00\x00\x02\x00\x00\x00\x02\x01\x02\x03", "does not match its header"),
-        (b"\x00\x00\x08\x00", "at least one dimension"),
-    ],
-)
-def test_parse_idx_rejects_malformed_files(raw: bytes, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        data.parse_idx(raw)
-
-
-def test_fashion_mnist_from_synthetic_idx_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    rng = np.random.default_rng(0)
-    train = rng.integers(0, 256, size=(20, 6, 5), dtype=np.uint8)
-    test = rng.integers(0, 256, size=(4, 6, 5), dtype=np.uint8)
-    train[0, 0, 0], train[0, 0, 1] = 255, 51
-    directory = write_fashion_dir(tmp_path / "fashion", train, test)
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", directory)
-
-    splits = data.load_dataset("fashion_mnist")
-    assert splits.train.shape == (20, 6, 5, 1) and splits.test.shape == (4, 6, 5, 1)
-    assert splits.train.dtype == np.float32 and splits.image_shape == (6, 5, 1)
-    assert splits.train[0, 0, 0, 0] == 1.0 and splits.train[0, 0, 1, 0] == pytest.approx(0.2)
-    np.testing.assert_array_equal(splits.test[..., 0], test.astype(np.float32) / 255.0)  # t10k is the test split
-    assert splits.fingerprint == fingerprint_pixels(train, test)
-
-    subset = data.load_dataset("fashion_mnist", seed=3, max_train_images=8)
-    assert subset.train.shape == (8, 6, 5, 1)
-    np.testing.assert_array_equal(subset.train, data.load_dataset("fashion_mnist", seed=3, max_train_images=8).train)
-    assert not np.array_equal(subset.train, data.load_dataset("fashion_mnist", seed=4, max_train_images=8).train)
-    train_rows = {row.tobytes() for row in splits.train}
-    assert all(row.tobytes() in train_rows for row in subset.train)
-    np.testing.assert_array_equal(subset.test, splits.test)  # the test split never shrinks
-
-
-def test_fashion_mnist_falls_back_to_store_cache_then_reports_unavailable(
-    tmp_path: Path, store_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path / "no-such-dir")
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
-    store = DatasetStore(store_dir)
-
-    # No IDX files, no cache, and a keras whose download fails (as on a machine without internet).
-    def offline_load_data() -> None:
-        raise OSError("network is unreachable")
-
-    fake_keras = types.SimpleNamespace(
-        datasets=types.SimpleNamespace(fashion_mnist=types.SimpleNamespace(load_data=offline_load_data))
-    )
-    monkeypatch.setitem(sys.modules, "keras", fake_keras)
-    assert data.dataset_info("fashion_mnist", store).available is False
-    with pytest.raises(DatasetUnavailable, match="needs a download from the internet"):
-        data.load_dataset("fashion_mnist", store=store)
-
-    cached_train = np.full((3, 4, 4), 255, dtype=np.uint8)
-    cached_test = np.zeros((2, 4, 4), dtype=np.uint8)
-    store.cache_dir.mkdir(parents=True)
-    np.savez(store.cache_dir / "fashion_mnist.npz", x_train=cached_train, x_test=cached_test)
-    assert data.dataset_info("fashion_mnist", store).available is True
-    splits = data.load_dataset("fashion_mnist", store=store)
-    assert splits.train.shape == (3, 4, 4, 1) and float(splits.train.min()) == 1.0
-    assert splits.test.shape == (2, 4, 4, 1) and float(splits.test.max()) == 0.0
-
-
-def test_mnist_is_online_only_with_a_clear_error(
-    tmp_path: Path, store_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
-
-    def offline_load_data() -> None:
-        raise OSError("network is unreachable")
-
-    fake_keras = types.SimpleNamespace(
-        datasets=types.SimpleNamespace(mnist=types.SimpleNamespace(load_data=offline_load_data))
-    )
-    monkeypatch.setitem(sys.modules, "keras", fake_keras)
-    store = DatasetStore(store_dir)
-    info = data.dataset_info("mnist", store)
-    assert info.available is False and info.builtin and info.shape == [28, 28, 1]
-    with pytest.raises(DatasetUnavailable, match=r"'mnist' needs a download.*network is unreachable"):
-        data.load_dataset("mnist", store=store)
-
-
-@pytest.mark.skipif(not REAL_FASHION_MNIST.exists(), reason="dataset-fashion-mnist is not installed")
-def test_real_fashion_mnist_files() -> None:
-    splits = data.load_dataset("fashion_mnist", max_train_images=100)
-    assert splits.train.shape == (100, 28, 28, 1)
-    assert splits.test.shape == (10_000, 28, 28, 1)
-    assert 0.0 == float(splits.test.min()) and float(splits.test.max()) == 1.0
-    info = data.dataset_info("fashion_mnist")
-    assert info.available and info.count == 70_000 and info.fingerprint == splits.fingerprint
-
-
-# ---------------------------------------------------------------------------------------------
-# digits and natural_patches
-# ---------------------------------------------------------------------------------------------
-
-
-def test_digits_shapes_range_determinism_and_partition() -> None:
-    from sklearn.datasets import load_digits
-
-    splits = data.load_dataset("digits")
-    assert splits.train.shape == (1500, 8, 8, 1) and splits.test.shape == (297, 8, 8, 1)
-    assert float(splits.train.min()) == 0.0 and float(splits.train.max()) == 1.0
-    again = data.load_dataset("digits", seed=123)  # the job seed does not move the fixed test split
-    np.testing.assert_array_equal(splits.test, again.test)
-    np.testing.assert_array_equal(splits.train, again.train)
-    # train + test is exactly the source, each image used once (a partition, so no test image is trained on).
-    source = (load_digits().images / 16.0).astype(np.float32)
-    combined = np.concatenate([splits.train, splits.test])[..., 0]
-    assert sorted(image.tobytes() for image in combined) == sorted(image.tobytes() for image in source)
-
-
-def test_natural_patches_shapes_determinism_and_split_by_image() -> None:
-    splits = data.load_dataset("natural_patches")
-    assert splits.train.shape == (11 * 1024, 32, 32, 1) and splits.test.shape == (3 * 128, 32, 32, 1)
-    assert splits.train.dtype == np.float32
-    assert 0.0 <= float(splits.train.min()) and float(splits.train.max()) <= 1.0
-    assert float(splits.test.std()) > 0.05  # real image content, not blank patches
-    data._natural_patches.cache_clear()  # regenerate from the images, not from the memo
-    again = data.load_dataset("natural_patches")
-    np.testing.assert_array_equal(splits.train, again.train)
-    np.testing.assert_array_equal(splits.test, again.test)
-    assert splits.fingerprint == again.fingerprint
-    # Split by image: test patches come from camera, gravel and coffee only (in that order, 128 each).
-    import skimage.data
-
-    camera = skimage.data.camera().astype(np.float32) / 255.0
-    first = splits.test[0, ..., 0]
-    windows = np.lib.stride_tricks.sliding_window_view(camera, (32, 32))
-    assert np.any(np.all(windows == first, axis=(2, 3)))
-    train_patches = {patch.tobytes() for patch in splits.train}
-    assert not any(patch.tobytes() in train_patches for patch in splits.test)
-
-
-def test_natural_patches_uses_only_bundled_images() -> None:
-    assert set(data.NATURAL_TRAIN_IMAGES).isdisjoint(data.NATURAL_TEST_IMAGES)
-    import inspect
-    import re
-
-    import skimage.data
-
-    bundled_dir = Path(skimage.data.__file__).parent
-    for name in data.NATURAL_TRAIN_IMAGES + data.NATURAL_TEST_IMAGES:
-        # Each loader names its file as "data/<file>"; a file shipped in the wheel needs no download.
-        files = re.findall(r'"data/([^"]+)"', inspect.getsource(getattr(skimage.data, name)))
-        assert files, f"cannot tell which file skimage.data.{name} loads"
-        assert all((bundled_dir / file).is_file() for file in files), f"{name} ({files}) is not in the wheel"
-
-
-# ---------------------------------------------------------------------------------------------
-# Splits, info, listing
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("count", "expected"), [(2, 1), (9, 1), (10, 1), (15, 2), (100, 10), (6000, 512)])
-def test_upload_test_count(count: int, expected: int) -> None:
-    assert data.upload_test_count(count) == expected
-
-
-def test_upload_split_is_seeded_and_disjoint(store_dir: Path) -> None:
-    store = DatasetStore(store_dir)
-    images = (np.arange(50, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 1), dtype=np.uint8)).astype(
-        np.float32
-    ) / 255.0
-    info = store.save(images, filename="ramp.npz")
-    splits = data.load_dataset(info.id, store=store, seed=1)
-    assert splits.train.shape == (45, 4, 4, 1) and splits.test.shape == (5, 4, 4, 1)
-    train_ids = set(np.round(splits.train[:, 0, 0, 0] * 255).astype(int))
-    test_ids = set(np.round(splits.test[:, 0, 0, 0] * 255).astype(int))
-    assert train_ids.isdisjoint(test_ids) and train_ids | test_ids == set(range(50))
-    same = data.load_dataset(info.id, store=store, seed=1)
-    np.testing.assert_array_equal(same.test, splits.test)
-    other = data.load_dataset(info.id, store=store, seed=2)
-    assert not np.array_equal(other.test, splits.test)
-    assert splits.fingerprint == info.fingerprint
-    small = data.load_dataset(info.id, store=store, seed=1, max_train_images=10)
-    assert small.train.shape[0] == 10 and set(np.round(small.train[:, 0, 0, 0] * 255).astype(int)) <= train_ids
-
-
-def test_unknown_or_unsafe_dataset_ids(store_dir: Path) -> None:
-    store = DatasetStore(store_dir)
-    for dataset_id in ("imagenet", "../etc/passwd", "ds_0123456789ab", "ds_../x"):
-        with pytest.raises(DatasetNotFound):
-            data.load_dataset(dataset_id, store=store)
-        with pytest.raises(DatasetNotFound):
-            data.dataset_info(dataset_id, store)
-    with pytest.raises(DatasetNotFound, match="store"):
-        data.load_dataset("ds_0123456789ab")
-
-
-def test_dataset_info_and_listing_are_cheap_and_complete(store_dir: Path) -> None:
-    store = DatasetStore(store_dir)
-    info = data.dataset_info("natural_patches", store)
-    assert info.shape == [32, 32, 1] and info.count == 11 * 1024 + 3 * 128 and info.available
-    assert data.dataset_info("digits").shape == [8, 8, 1]
-    upload = store.save(np.zeros((3, 5, 6, 3), dtype=np.float32), filename="zeros.npz")
-    listed = data.list_datasets(store)
-    assert [entry.id for entry in listed[:4]] == list(data.BUILTIN_DATASETS)
-    assert listed[-1].id == upload.id and listed[-1].shape == [5, 6, 3] and not listed[-1].builtin
-    assert data.dataset_info(upload.id, store) == upload
-
 
 # ---------------------------------------------------------------------------------------------
 # Uploads: .npz
@@ -435,7 +194,7 @@ def test_200k_empty_members_are_refused_from_the_eocd_before_zipfile_lists_them(
 ) -> None:
     bomb = empty_members_zip(200_000, suffix)
     listed = []
-    monkeypatch.setattr(zipfile, "ZipFile", lambda *args, **kwargs: listed.append(args))
+    monkeypatch.setattr(zipfile, "ZipFile", lambda *args, **_kwargs: listed.append(args))
     started = time.perf_counter()
     with pytest.raises(PayloadTooLarge, match=r"Too many entries in 'bomb.*Received: 200,000 entries") as refused:
         data.parse_uploaded_dataset(filename, bomb)
@@ -537,7 +296,7 @@ def test_png_zip_sizes_come_from_the_headers_before_any_pixel_is_decoded(monkeyp
     mixed = zip_bytes({"0.png": gray, "1.png": rgb})
     assert data.parse_uploaded_dataset("g.zip", grays, max_bytes=4 * 64 * 4).shape == (4, 8, 8, 1)
     assert data.parse_uploaded_dataset("m.zip", mixed, max_bytes=2 * 64 * 3 * 4).shape == (2, 8, 8, 3)
-    monkeypatch.setattr(data, "_png_pixels", lambda image: pytest.fail("decoded a PNG of a refused upload"))
+    monkeypatch.setattr(png_zip, "png_pixels", lambda _image: pytest.fail("decoded a PNG of a refused upload"))
     with pytest.raises(PayloadTooLarge, match=r"4 images of 8x8x1 as float32 take 1,024 bytes"):
         data.parse_uploaded_dataset("g.zip", grays, max_bytes=4 * 64 * 4 - 1)
     with pytest.raises(PayloadTooLarge, match=r"2 images of 8x8x3 as float32 take 1,536 bytes"):
