@@ -1,8 +1,14 @@
 """Reconstruction losses between the denoised output and the clean image, Keras-serializable.
 
 Every loss returns, per image, the mean over all pixels and channels; Keras then averages over the batch.
+MAE, MSE, Huber and binary cross-entropy are Keras' built-ins (which average the last axis only), averaged over
+the rest of each image here; the L1+L2 mix and Lp have no built-in and are registered functions with a thin `Loss`
+class each. The class names are those older `.keras` files refer to (`dae>L1Loss`, ...), so they still load.
 There is deliberately no signed "L1" (mean of e): it is unbounded below and rewards predicting +inf.
 """
+
+# mypy: disallow-subclassing-any=False
+# (keras ships no type information, so its classes are Any to mypy)
 
 from __future__ import annotations
 
@@ -28,62 +34,153 @@ def _error(y_true: Any, y_pred: Any) -> Any:
     return y_pred - y_true
 
 
-class _ReconstructionLoss(keras.losses.Loss):
-    """Base: a named loss averaged over the batch (subclasses add their parameters to `get_config`)."""
+def l1_l2_error(y_true: Any, y_pred: Any, alpha: float = 0.5) -> Any:
+    """Mix of the absolute and the squared error, per image.
 
-    def __init__(self, name: str, reduction: str = _REDUCTION, dtype: Any = None) -> None:
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
+    Formula:
+
+    ```python
+    loss = alpha * mean(abs(y_pred - y_true)) + (1 - alpha) * mean(square(y_pred - y_true))
+    ```
+
+    Args:
+        y_true: clean images (N, H, W, C).
+        y_pred: denoised images, the same shape.
+        alpha: weight of the absolute error, in [0, 1].
+
+    Returns:
+        One value per image, shape (N,).
+    """
+    error = _error(y_true, y_pred)
+    return _mean_per_image(alpha * ops.abs(error) + (1.0 - alpha) * ops.square(error))
+
+
+def lp_error(y_true: Any, y_pred: Any, p: float = 1.5, epsilon: float = 1e-6) -> Any:
+    """Mean p-th power of the error, |e| smoothed so the gradient stays finite at e = 0 even for p < 1.
+
+    Formula:
+
+    ```python
+    loss = mean((square(y_pred - y_true) + epsilon**2) ** (p / 2))
+    ```
+
+    Args:
+        y_true: clean images (N, H, W, C).
+        y_pred: denoised images, the same shape.
+        p: the exponent, in (0, 2].
+        epsilon: the smoothing, > 0.
+
+    Returns:
+        One value per image, shape (N,).
+    """
+    error = _error(y_true, y_pred)
+    return _mean_per_image(ops.power(ops.square(error) + epsilon**2, p / 2.0))
+
+
+# Registered as calls, not decorators, so the functions keep their signatures for the type checker.
+keras.saving.register_keras_serializable(package="dae")(l1_l2_error)
+keras.saving.register_keras_serializable(package="dae")(lp_error)
 
 
 @keras.saving.register_keras_serializable(package="dae")
-class L1Loss(_ReconstructionLoss):
-    """Mean absolute error (L1): mean |ŷ − y|."""
+class L1Loss(keras.losses.MeanAbsoluteError):
+    """Mean absolute error (L1) per image: Keras' MeanAbsoluteError averaged over H and W too.
 
-    def __init__(self, name: str = "l1", reduction: str = _REDUCTION, dtype: Any = None) -> None:
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
+    Formula: `loss = mean(abs(y_pred - y_true))` over each image's pixels and channels.
+
+    Args:
+        reduction, name, dtype: as for `keras.losses.Loss`.
+    """
+
+    def __init__(self, reduction: str | None = _REDUCTION, name: str = "l1", dtype: Any = None) -> None:
+        super().__init__(reduction=reduction, name=name, dtype=dtype)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        return _mean_per_image(ops.abs(_error(y_true, y_pred)))
+        return _mean_per_image(super().call(y_true, y_pred))
 
 
 @keras.saving.register_keras_serializable(package="dae")
-class L2Loss(_ReconstructionLoss):
-    """Mean squared error (L2): mean (ŷ − y)²."""
+class L2Loss(keras.losses.MeanSquaredError):
+    """Mean squared error (L2) per image: Keras' MeanSquaredError averaged over H and W too.
 
-    def __init__(self, name: str = "l2", reduction: str = _REDUCTION, dtype: Any = None) -> None:
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
+    Formula: `loss = mean(square(y_pred - y_true))` over each image's pixels and channels.
+
+    Args:
+        reduction, name, dtype: as for `keras.losses.Loss`.
+    """
+
+    def __init__(self, reduction: str | None = _REDUCTION, name: str = "l2", dtype: Any = None) -> None:
+        super().__init__(reduction=reduction, name=name, dtype=dtype)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        return _mean_per_image(ops.square(_error(y_true, y_pred)))
+        return _mean_per_image(super().call(y_true, y_pred))
 
 
 @keras.saving.register_keras_serializable(package="dae")
-class HuberLoss(_ReconstructionLoss):
-    """Huber loss: ½e² where |e| ≤ δ, δ(|e| − ½δ) beyond."""
+class HuberLoss(keras.losses.Huber):
+    """Huber loss per image: Keras' Huber averaged over H and W too; `delta` is validated and kept in the config
+    (Keras' own Huber leaves it out of `get_config`).
 
-    def __init__(self, delta: float = 1.0, name: str = "huber", reduction: str = _REDUCTION, dtype: Any = None) -> None:
+    Formula: `0.5 * e**2` where `|e| <= delta`, `delta * |e| - 0.5 * delta**2` beyond, averaged per image.
+
+    Args:
+        delta: where the quadratic part turns linear, > 0.
+        reduction, name, dtype: as for `keras.losses.Loss`.
+    """
+
+    def __init__(
+        self, delta: float = 1.0, reduction: str | None = _REDUCTION, name: str = "huber", dtype: Any = None
+    ) -> None:
         if not (math.isfinite(delta) and delta > 0):
             raise ValueError(f"HuberLoss needs a positive delta. Expected delta > 0. Received: delta={delta}")
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        super().__init__(delta=float(delta), reduction=reduction, name=name, dtype=dtype)
         self.delta = float(delta)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        absolute = ops.abs(_error(y_true, y_pred))
-        delta = ops.cast(self.delta, absolute.dtype)
-        quadratic = ops.minimum(absolute, delta)
-        linear = absolute - quadratic
-        # ½q² + δ·l equals ½e² inside [−δ, δ] and δ(|e| − ½δ) outside, with no branch.
-        return _mean_per_image(0.5 * ops.square(quadratic) + delta * linear)
+        return _mean_per_image(super().call(y_true, y_pred))
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "delta": self.delta}
 
 
 @keras.saving.register_keras_serializable(package="dae")
-class L1L2Loss(_ReconstructionLoss):
-    """Mix of the two: α·mean |e| + (1 − α)·mean e²."""
+class BinaryCrossentropyLoss(keras.losses.BinaryCrossentropy):
+    """Pixel-wise binary cross-entropy per image; the target is the clean intensity in [0, 1], the output a
+    probability. Used with a sigmoid output: Keras then computes it from the sigmoid's logits (numerically stable).
 
-    def __init__(self, alpha: float = 0.5, name: str = "l1_l2", reduction: str = _REDUCTION, dtype: Any = None) -> None:
+    Formula: `loss = mean(-(y * log(p) + (1 - y) * log(1 - p)))` over each image's pixels and channels.
+
+    Args:
+        reduction, name, dtype: as for `keras.losses.Loss` (no logits input, no label smoothing).
+    """
+
+    def __init__(
+        self, reduction: str | None = _REDUCTION, name: str = "binary_crossentropy", dtype: Any = None
+    ) -> None:
+        super().__init__(from_logits=False, reduction=reduction, name=name, dtype=dtype)
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        return _mean_per_image(super().call(y_true, y_pred))
+
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = keras.losses.Loss.get_config(
+            self
+        )  # the fixed from_logits/label_smoothing/axis are not arguments
+        return config
+
+
+@keras.saving.register_keras_serializable(package="dae")
+class L1L2Loss(keras.losses.Loss):
+    """`l1_l2_error` as a Loss.
+
+    Args:
+        alpha: weight of the absolute error, in [0, 1].
+        reduction, name, dtype: as for `keras.losses.Loss`.
+    """
+
+    def __init__(
+        self, alpha: float = 0.5, reduction: str | None = _REDUCTION, name: str = "l1_l2", dtype: Any = None
+    ) -> None:
         if not (0.0 <= alpha <= 1.0):
             raise ValueError(
                 f"L1L2Loss mixes L1 and L2 with a weight alpha. Expected 0 <= alpha <= 1. Received: alpha={alpha}"
@@ -92,19 +189,29 @@ class L1L2Loss(_ReconstructionLoss):
         self.alpha = float(alpha)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        error = _error(y_true, y_pred)
-        return _mean_per_image(self.alpha * ops.abs(error) + (1.0 - self.alpha) * ops.square(error))
+        return l1_l2_error(y_true, y_pred, alpha=self.alpha)
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "alpha": self.alpha}
 
 
 @keras.saving.register_keras_serializable(package="dae")
-class LpLoss(_ReconstructionLoss):
-    """Mean |e|^p with |e| smoothed as sqrt(e² + ε²), so the gradient stays finite at e = 0 even for p < 1."""
+class LpLoss(keras.losses.Loss):
+    """`lp_error` as a Loss.
+
+    Args:
+        p: the exponent, in (0, 2].
+        epsilon: the smoothing of |e|, > 0.
+        reduction, name, dtype: as for `keras.losses.Loss`.
+    """
 
     def __init__(
-        self, p: float = 1.5, epsilon: float = 1e-6, name: str = "lp", reduction: str = _REDUCTION, dtype: Any = None
+        self,
+        p: float = 1.5,
+        epsilon: float = 1e-6,
+        reduction: str | None = _REDUCTION,
+        name: str = "lp",
+        dtype: Any = None,
     ) -> None:
         if not (0.0 < p <= 2.0):
             raise ValueError(f"LpLoss needs an exponent p in (0, 2]. Expected 0 < p <= 2. Received: p={p}")
@@ -117,28 +224,10 @@ class LpLoss(_ReconstructionLoss):
         self.epsilon = float(epsilon)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        error = _error(y_true, y_pred)
-        smoothed_square = ops.square(error) + self.epsilon**2
-        return _mean_per_image(ops.power(smoothed_square, self.p / 2.0))
+        return lp_error(y_true, y_pred, p=self.p, epsilon=self.epsilon)
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "p": self.p, "epsilon": self.epsilon}
-
-
-@keras.saving.register_keras_serializable(package="dae")
-class BinaryCrossentropyLoss(_ReconstructionLoss):
-    """Pixel-wise binary cross-entropy; the target is the clean intensity in [0, 1], the output a probability.
-
-    Used with a sigmoid output: Keras then computes it from the sigmoid's logits, which is numerically stable.
-    """
-
-    def __init__(self, name: str = "binary_crossentropy", reduction: str = _REDUCTION, dtype: Any = None) -> None:
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
-
-    def call(self, y_true: Any, y_pred: Any) -> Any:
-        y_pred = ops.convert_to_tensor(y_pred)
-        y_true = ops.cast(y_true, y_pred.dtype)
-        return _mean_per_image(ops.binary_crossentropy(y_true, y_pred, from_logits=False))
 
 
 def build_loss(loss_spec: LossSpec) -> keras.losses.Loss:
@@ -159,4 +248,3 @@ def build_loss(loss_spec: LossSpec) -> keras.losses.Loss:
         "Unknown loss type. Expected one of mae, mse, huber, l1_l2, lp, binary_crossentropy. "
         f"Received: loss.type={loss_spec.type!r}"
     )
-

@@ -12,13 +12,16 @@ and the same size comes out, at training and at serving time (also through ONNX)
 separate last layer, after the crop, so a sigmoid output keeps its logits for a stable cross-entropy.
 """
 
+# mypy: disallow-subclassing-any=False
+# (keras ships no type information, so its classes are Any to mypy)
+
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from dae.regularizers import GroupRegularizers, LayerGroup, build_group_regularizers
 from dae.spec import TrainingSpec, check_spec_for_images
@@ -38,16 +41,16 @@ class PadToMultiple(keras.layers.Layer):
                 f"PadToMultiple needs a positive multiple. Expected multiple >= 1. Received: multiple={multiple}"
             )
         self.multiple = int(multiple)
+        self.input_spec = keras.layers.InputSpec(ndim=4)
 
     def call(self, inputs: Any) -> Any:
         if self.multiple == 1:
             return inputs
-        shape = tf.shape(inputs)
+        shape = ops.shape(inputs)
         # (m - h % m) % m rather than (-h) % m: ONNX converts a floor-mod of a negative number as fmod.
         pad_height = (self.multiple - shape[1] % self.multiple) % self.multiple
         pad_width = (self.multiple - shape[2] % self.multiple) % self.multiple
-        paddings = tf.stack([[0, 0], [0, pad_height], [0, pad_width], [0, 0]])
-        return tf.pad(inputs, paddings, mode="REFLECT")
+        return ops.pad(inputs, [[0, 0], [0, pad_height], [0, pad_width], [0, 0]], mode="reflect")
 
     def compute_output_shape(self, input_shape: Sequence[int | None]) -> tuple[int | None, ...]:
         def padded(size: int | None) -> int | None:
@@ -63,9 +66,13 @@ class PadToMultiple(keras.layers.Layer):
 class CropToReference(keras.layers.Layer):
     """Crops `[x, reference]` to x[:, :H_ref, :W_ref, :] (undoes `PadToMultiple`)."""
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.input_spec = [keras.layers.InputSpec(ndim=4), keras.layers.InputSpec(ndim=4)]
+
     def call(self, inputs: Sequence[Any]) -> Any:
         values, reference = inputs
-        reference_shape = tf.shape(reference)
+        reference_shape = ops.shape(reference)
         return values[:, : reference_shape[1], : reference_shape[2], :]
 
     def compute_output_shape(self, input_shape: Sequence[Sequence[int | None]]) -> tuple[int | None, ...]:
@@ -176,7 +183,7 @@ def layers_in_group(model: keras.Model, group: LayerGroup) -> list[keras.layers.
 
     def belongs(layer: keras.layers.Layer) -> bool:
         if group == "encoder":
-            return layer.name == CODE_LAYER_NAME or layer.name.startswith("encoder_")
-        return layer.name.startswith("decoder_")
+            return bool(layer.name == CODE_LAYER_NAME or layer.name.startswith("encoder_"))
+        return bool(layer.name.startswith("decoder_"))
 
     return [layer for layer in model.layers if belongs(layer) and layer.weights]

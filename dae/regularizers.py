@@ -1,51 +1,32 @@
-"""Kernel, bias and activity regularizers built from a `RegularizationSpec`, Keras-serializable.
+"""Kernel, bias and activity regularizers built from a `RegularizationSpec`: Keras' `L1L2`.
 
-`ElasticNet(l1, l2)` adds l1·Σ|x| + l2·Σx² (the elastic net when both are set). With
-`l1_method="proximal"` the kernel and bias L1 is not a penalty at all: it is applied as soft-thresholding after
-each optimizer step (dae/proximal.py), so only their L2 part stays here. Activity L1 is always a penalty.
+`L1L2(l1, l2)` adds l1·Σ|x| + l2·Σx² (the elastic net when both are set). With `l1_method="proximal"` the kernel
+and bias L1 is not a penalty at all: it is applied as soft-thresholding after each optimizer step
+(dae/proximal.py), so only their L2 part stays here. Activity L1 is always a penalty.
+
+`ElasticNet` is the name of the custom class this module defined before, with the same formula and config
+({"l1", "l2"}): it is now an alias of `keras.regularizers.L1L2`, and `dae>ElasticNet` stays registered as a custom
+object, so `.keras` files that refer to it still load (as L1L2). New files refer to the built-in.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import keras
-from keras import ops
 
 from dae.spec import PenaltySpec, RegularizationSpec
 
 LayerGroup = Literal["encoder", "decoder"]
 
 
-@keras.saving.register_keras_serializable(package="dae")
-class ElasticNet(keras.regularizers.Regularizer):
-    """Penalty l1·Σ|x| + l2·Σx²; either strength may be 0."""
-
-    def __init__(self, l1: float = 0.0, l2: float = 0.0) -> None:
-        for field_name, value in (("l1", l1), ("l2", l2)):
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(
-                    f"ElasticNet strengths must be finite and non-negative. Expected {field_name} >= 0. "
-                    f"Received: {field_name}={value}"
-                )
-        self.l1 = float(l1)
-        self.l2 = float(l2)
-
-    def __call__(self, x: Any) -> Any:
-        penalty = ops.convert_to_tensor(0.0, dtype=x.dtype)
-        if self.l1:
-            penalty = penalty + self.l1 * ops.sum(ops.abs(x))
-        if self.l2:
-            penalty = penalty + self.l2 * ops.sum(ops.square(x))
-        return penalty
-
-    def get_config(self) -> dict[str, float]:
-        return {"l1": self.l1, "l2": self.l2}
+ElasticNet = keras.regularizers.L1L2
+# The registered name of the former custom class, for files saved before it became the built-in.
+keras.saving.get_custom_objects()["dae>ElasticNet"] = keras.regularizers.L1L2
 
 
-def build_regularizer(penalty: PenaltySpec, *, include_l1: bool = True) -> ElasticNet | None:
+def build_regularizer(penalty: PenaltySpec, *, include_l1: bool = True) -> keras.regularizers.L1L2 | None:
     """The regularizer for one penalty spec, or None when it adds nothing.
 
     `include_l1=False` drops the L1 part (it is then applied by the proximal step instead).
@@ -53,16 +34,16 @@ def build_regularizer(penalty: PenaltySpec, *, include_l1: bool = True) -> Elast
     l1 = penalty.l1 if include_l1 else 0.0
     if l1 == 0 and penalty.l2 == 0:
         return None
-    return ElasticNet(l1=l1, l2=penalty.l2)
+    return keras.regularizers.L1L2(l1=l1, l2=penalty.l2)
 
 
 @dataclass(frozen=True)
 class GroupRegularizers:
     """The three regularizers of one half of the autoencoder (None where nothing applies)."""
 
-    kernel: ElasticNet | None
-    bias: ElasticNet | None
-    activity: ElasticNet | None
+    kernel: keras.regularizers.L1L2 | None
+    bias: keras.regularizers.L1L2 | None
+    activity: keras.regularizers.L1L2 | None
 
 
 def build_group_regularizers(spec: RegularizationSpec, group: LayerGroup) -> GroupRegularizers:

@@ -11,7 +11,7 @@ from dae.data import load_dataset
 from dae.models import build_autoencoder, layers_in_group
 from dae.proximal import ProximalL1Step, ProximalTarget, proximal_targets, soft_threshold
 from dae.spec import TrainingSpec
-from dae.training import _compile, _Trainer, fit_autoencoder
+from dae.training import build_training_model, compile_for_training, fit_autoencoder
 
 DENSE = {"type": "dense", "hidden_units": [16], "latent_dim": 8}
 
@@ -57,9 +57,8 @@ def test_train_step_is_an_sgd_step_followed_by_soft_thresholding_with_the_schedu
         },
     )
     keras.utils.set_random_seed(0)
-    model = build_autoencoder(spec, (4, 4, 1))
-    _compile(model, spec, total_steps=10)
-    trainer = _Trainer(model, spec, (4, 4, 1))
+    model = build_training_model(spec, (4, 4, 1))
+    compile_for_training(model, spec, total_steps=10)
     rng = np.random.default_rng(0)
     clean = rng.random((8, 4, 4, 1), dtype=np.float32)
     noisy = np.clip(clean + rng.normal(0, 0.2, clean.shape), 0, 1).astype(np.float32)
@@ -71,7 +70,7 @@ def test_train_step_is_an_sgd_step_followed_by_soft_thresholding_with_the_schedu
         with tf.GradientTape() as tape:
             loss = model.compute_loss(x=noisy, y=clean, y_pred=model(noisy, training=True))
         gradients = [gradient.numpy() for gradient in tape.gradient(loss, variables)]
-        trainer.train_step(tf.constant(noisy), tf.constant(clean))
+        model.train_on_batch(noisy, clean)  # fit()'s train_step, on one batch
         for variable, weight, gradient in zip(variables, before, gradients, strict=True):
             expected = weight - learning_rate * gradient
             if variable.path in encoder_kernels:

@@ -10,8 +10,9 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from typing_extensions import override
 
-import dae.training as training
+import dae.training.callbacks as training_callbacks
 from dae.data import DatasetSplits, load_dataset
 from dae.errors import InvalidSpec, TrainingFailed
 from dae.models import build_autoencoder
@@ -71,7 +72,7 @@ def test_validation_split_is_seeded_disjoint_and_keeps_a_training_image():
 @pytest.mark.parametrize(
     ("schedule", "expected"),
     [
-        ("constant", lambda step: 0.1),
+        ("constant", lambda _step: 0.1),
         ("inverse_time", lambda step: 0.1 / (1 + 0.5 * step / 10)),
         ("exponential", lambda step: 0.1 * 0.5 ** (step / 10)),
         ("cosine", lambda step: 0.1 * 0.5 * (1 + math.cos(math.pi * min(step, 40) / 40))),
@@ -189,7 +190,7 @@ def test_cancelled_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_
 
 
 def test_cancellation_stops_within_the_epoch(digits, monkeypatch):
-    monkeypatch.setattr(training, "CANCEL_POLL_INTERVAL_S", 0.0)  # poll after every batch
+    monkeypatch.setattr(training_callbacks, "CANCEL_POLL_INTERVAL_S", 0.0)  # poll after every batch
     polls = {"count": 0}
 
     def cancel_on_third_poll() -> bool:
@@ -208,13 +209,22 @@ def test_timeout_before_the_first_epoch_fails_with_a_reason(digits):
         fit_autoencoder(_spec(max_runtime_s=0.001), digits)
 
 
-def test_early_stopping_restores_the_best_epoch(digits, tmp_path: Path, monkeypatch):
-    scripted_val_losses = iter([0.5, 0.4, 0.6, 0.7, 0.8])
-    monkeypatch.setattr(training._Trainer, "evaluate", lambda self, noisy, clean: next(scripted_val_losses))
+class ScriptedValidationLoss(keras.callbacks.Callback):
+    """Replaces each epoch's val_loss with the next scripted value (extra callbacks run before the run's own)."""
+
+    def __init__(self, values: list[float]) -> None:
+        super().__init__()
+        self.values = iter(values)
+
+    @override
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs["val_loss"] = next(self.values)
+
+
+def test_early_stopping_restores_the_best_epoch(digits, tmp_path: Path):
     checkpoint_dir = tmp_path / "checkpoint"
-    result = fit_autoencoder(
-        _spec(epochs=5, early_stopping_patience=1), digits, hooks=TrainingHooks(checkpoint_dir=checkpoint_dir)
-    )
+    hooks = TrainingHooks(checkpoint_dir=checkpoint_dir, callbacks=[ScriptedValidationLoss([0.5, 0.4, 0.6, 0.7, 0.8])])
+    result = fit_autoencoder(_spec(epochs=5, early_stopping_patience=1), digits, hooks=hooks)
     assert result.stop_reason == "early_stopped" and result.epochs_completed == 3
     assert [m.val_loss for m in result.history] == [0.5, 0.4, 0.6]
     best = keras.saving.load_model(checkpoint_dir / "model-0002.keras", safe_mode=True)
