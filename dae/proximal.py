@@ -9,7 +9,8 @@ with η the learning rate of that step (from the schedule). Weights whose gradie
 zero land exactly on 0, which a penalty (whose subgradient only makes them oscillate around 0) never does.
 
 The step is stateless (it depends on the weights and the step's learning rate only), so a checkpoint of the
-weights and the optimizer is all a resumed run needs. `fit_autoencoder` calls it inside its compiled train step.
+weights and the optimizer is all a resumed run needs. `DenoisingAutoencoder.train_step` (dae/training/model.py)
+calls it right after the optimizer step, inside fit()'s compiled train function.
 """
 
 from __future__ import annotations
