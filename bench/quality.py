@@ -21,21 +21,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 
 from dae.data import load_dataset
-from dae.metrics import denoise_nl_means_batch, denoise_tv_batch, image_quality, keras_predictor
+from dae.evaluation.baselines import denoise_bm3d_batch, denoise_nl_means_batch, denoise_tv_batch
+from dae.evaluation.metrics import image_quality
+from dae.evaluation.report import keras_predictor
 from dae.noise import add_noise
 from dae.spec import NoiseSpec, TrainingSpec
 
 TARGET_MARGIN_DB = 3.0
-
-
-def bm3d_batch(noisy: np.ndarray, sigma: float) -> np.ndarray | None:
-    """BM3D of each image with the true σ, or None when the optional `bm3d` package is missing."""
-    try:
-        import bm3d  # noqa: PLC0415
-    except ImportError:
-        return None
-    outputs = [np.asarray(bm3d.bm3d(image[..., 0], sigma_psd=sigma), dtype=np.float32) for image in noisy]
-    return np.clip(np.stack(outputs)[..., np.newaxis], 0.0, 1.0)
 
 
 def main() -> int:
@@ -93,7 +85,7 @@ def main() -> int:
         output = np.clip(denoise(noisy), 0.0, 1.0)
         methods[label] = (output, time.perf_counter() - started)
     started = time.perf_counter()
-    bm3d_output = bm3d_batch(noisy, sigma)
+    bm3d_output = denoise_bm3d_batch(noisy, sigma)
     if bm3d_output is not None:
         methods["bm3d"] = (bm3d_output, time.perf_counter() - started)
 

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 import dae
+from dae.evaluation.helper import reference_rows_later
+from dae.evaluation.metrics import psnr_per_image, sparsity_report
+from dae.evaluation.report import evaluate_denoiser, noise_label, select_test_images
 from dae.export import export_onnx, onnx_predictor
-from dae.metrics import evaluate_denoiser, noise_label, psnr_per_image, select_test_images, sparsity_report
 from dae.noise import add_noise
-from dae.reference import reference_rows_later
 from dae.spec import EpochMetrics, ModelCard, NoiseSpec, TrainingSpec
 
 if TYPE_CHECKING:

@@ -142,7 +142,7 @@ def preload_training_modules() -> None:
 
 def _start_evaluation_helper(*, wait: bool) -> None:
     """Start (or wait for) dae.reference's helper; without one, jobs compute the reference rows inline."""
-    from dae.reference import start_helper, stop_helper  # noqa: PLC0415
+    from dae.evaluation.helper import start_helper, stop_helper  # noqa: PLC0415
 
     try:
         start_helper(wait=wait)
@@ -169,7 +169,7 @@ def _warm_up_export() -> None:
 @worker_process_shutdown.connect
 def _stop_helper_in_pool_child(**_: Any) -> None:
     """worker_process_shutdown handler: stop the pool child's evaluation helper with it."""
-    from dae.reference import stop_helper  # noqa: PLC0415
+    from dae.evaluation.helper import stop_helper  # noqa: PLC0415
 
     stop_helper()
 

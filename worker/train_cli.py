@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     # Heavy imports (TensorFlow) only after the arguments are known to be valid.
-    from dae.metrics import format_evaluation  # noqa: PLC0415
+    from dae.evaluation.report import format_evaluation  # noqa: PLC0415
     from dae.publish import publish_training_result  # noqa: PLC0415
     from dae.training import TrainingHooks, fit_autoencoder  # noqa: PLC0415
 

@@ -1,17 +1,17 @@
-"""The model-independent rows of the evaluation table (dae.metrics.reference_rows), computed in a helper process.
+"""The model-independent rows of the evaluation table (report.reference_rows), computed in a helper process.
 
 Publishing a model is mostly single-threaded Python (the ONNX conversion), while the `noisy` rows and the classical
 baselines (TV, NL-means) are ~1-1.5 s of CPU that do not need the model. A worker therefore keeps one helper
 process (start_helper, once per process, e.g. when a Celery pool child preloads) and hands it those rows at the
 start of publishing; the second core computes them while the first exports.
 
-- The helper is `python -m dae.reference`, a fresh interpreter (never a fork: TensorFlow's threads do not survive
+- The helper is `python -m dae.evaluation.helper`, a fresh interpreter (never a fork: TensorFlow's threads do not survive
   one; and multiprocessing refuses to start children from Celery's daemonic pool children). It reads requests on
   stdin and writes replies on its original stdout (its fd 1 goes to stderr, so a library that prints cannot
   corrupt a reply); it exits when stdin closes, i.e. when its parent is gone.
 - Messages are length-prefixed frames: a JSON header, then for the images one `.npy` frame written and read with
   allow_pickle=False (no pickle anywhere: the project's rule, even on a private pipe).
-- It computes exactly dae.metrics.reference_rows, so the table is the same as when computed inline (tested: JSON
+- It computes exactly dae.evaluation.report.reference_rows, so the table is the same as when computed inline (tested: JSON
   round-trips Python floats exactly).
 - Without a started helper (the CLI, tests, a helper that died) the rows are computed inline, when asked for.
 """
@@ -28,16 +28,16 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import numpy as np
 
-from dae.metrics import reference_rows, select_test_images
+from dae.evaluation.report import reference_rows, select_test_images
 from dae.spec import NoiseSpec, QualityRow
 
 logger = logging.getLogger(__name__)
 
-_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
 
 class _Helper:
@@ -50,8 +50,15 @@ class _Helper:
         }
         self.owner = os.getpid()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "dae.reference"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment
+            [sys.executable, "-m", "dae.evaluation.helper"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=environment,
         )
+        if self.process.stdin is None or self.process.stdout is None:  # Popen types its pipes as optional
+            raise RuntimeError("the evaluation helper started without its pipes")
+        self.requests: IO[bytes] = self.process.stdin
+        self.replies: IO[bytes] = self.process.stdout
         self.lock = threading.Lock()
         self.pending = False
 
@@ -59,7 +66,7 @@ class _Helper:
         with self.lock:
             if self.pending:  # an earlier reply nobody read (its publish failed): drop it
                 self._receive()
-            write_message(self.process.stdin, {"name": name, **(header or {})}, images)
+            write_message(self.requests, {"name": name, **(header or {})}, images)
             self.pending = True
 
     def receive(self) -> Any:
@@ -68,13 +75,13 @@ class _Helper:
 
     def _receive(self) -> Any:
         self.pending = False
-        reply, _ = read_message(self.process.stdout)
+        reply, _ = read_message(self.replies)
         if reply.get("status") != "ok":
             raise RuntimeError(f"the evaluation helper failed: {reply.get('error')}")
         return reply.get("value")
 
     def stop(self) -> None:
-        for pipe in (self.process.stdin, self.process.stdout):
+        for pipe in (self.requests, self.replies):
             try:
                 pipe.close()
             except OSError:
@@ -101,11 +108,11 @@ def start_helper(*, wait: bool = False) -> None:
     if _current_helper() is None:
         _helper = _Helper()
         _helper.send("warm_up")
-    if wait:
-        helper = _current_helper()
-        if helper is not None and helper.pending:
+    helper = _current_helper()
+    if wait and helper is not None:
+        if helper.pending:
             helper.receive()
-        logger.info("evaluation helper process %d is ready", _helper.process.pid)
+        logger.info("evaluation helper process %d is ready", helper.process.pid)
 
 
 def stop_helper() -> None:
@@ -122,6 +129,12 @@ def helper_running() -> bool:
     return helper is not None and helper.process.poll() is None
 
 
+def helper_process() -> subprocess.Popen[bytes] | None:
+    """This process's helper process (its pid, its exit status), if it started one."""
+    helper = _current_helper()
+    return helper.process if helper is not None else None
+
+
 def reference_rows_later(
     test_images: np.ndarray, training_noise: NoiseSpec, *, seed: int = 0
 ) -> Callable[[], list[QualityRow]]:
@@ -130,10 +143,9 @@ def reference_rows_later(
     # Only the evaluation subset travels (1.6 MB for Fashion-MNIST, not the 31 MB test split); reference_rows
     # selects the same subset again, which returns it unchanged.
     subset = np.ascontiguousarray(select_test_images(np.asarray(test_images, dtype=np.float32), seed))
-    arguments = {"test_images": subset, "training_noise": training_noise, "seed": seed}
 
     def inline() -> list[QualityRow]:
-        return reference_rows(**arguments)
+        return reference_rows(subset, training_noise, seed=seed)
 
     helper = _current_helper()
     if helper is None or helper.process.poll() is not None:
@@ -172,10 +184,15 @@ def _warm_up() -> None:
     reference_rows(images, NoiseSpec(type="gaussian", level=0.2), seed=0)
 
 
+def _warm_up_reply(header: dict[str, Any], images: np.ndarray | None) -> None:
+    del header, images  # a warm-up request carries nothing
+    _warm_up()
+
+
 _LENGTH = struct.Struct(">Q")
 
 
-def write_message(stream: BinaryIO, header: dict[str, Any], images: np.ndarray | None = None) -> None:
+def write_message(stream: IO[bytes], header: dict[str, Any], images: np.ndarray | None = None) -> None:
     """One message: a length-prefixed JSON header and, if given, a length-prefixed .npy frame of `images`."""
     frames = [json.dumps({**header, "images": images is not None}).encode()]
     if images is not None:
@@ -188,7 +205,7 @@ def write_message(stream: BinaryIO, header: dict[str, Any], images: np.ndarray |
     stream.flush()
 
 
-def _read_frame(stream: BinaryIO) -> bytes:
+def _read_frame(stream: IO[bytes]) -> bytes:
     prefix = stream.read(_LENGTH.size)
     if len(prefix) < _LENGTH.size:
         raise EOFError("the pipe closed")
@@ -199,7 +216,7 @@ def _read_frame(stream: BinaryIO) -> bytes:
     return frame
 
 
-def read_message(stream: BinaryIO) -> tuple[dict[str, Any], np.ndarray | None]:
+def read_message(stream: IO[bytes]) -> tuple[dict[str, Any], np.ndarray | None]:
     """The header and images of one message written by write_message; EOFError when the pipe is closed."""
     header = json.loads(_read_frame(stream))
     images = np.load(io.BytesIO(_read_frame(stream)), allow_pickle=False) if header.pop("images") else None
@@ -207,15 +224,17 @@ def read_message(stream: BinaryIO) -> tuple[dict[str, Any], np.ndarray | None]:
 
 
 def _reference_rows_reply(header: dict[str, Any], images: np.ndarray | None) -> list[dict[str, Any]]:
+    if images is None:
+        raise ValueError("Expected the test images with a reference_rows request. Received: no images")
     noise = NoiseSpec.model_validate(header["training_noise"])
     rows = reference_rows(images, noise, seed=int(header["seed"]))
     return [row.model_dump(mode="json") for row in rows]
 
 
-def serve(requests: BinaryIO, replies: BinaryIO) -> None:
+def serve(requests: IO[bytes], replies: IO[bytes]) -> None:
     """The helper's loop: answer each request with {"status": "ok", "value": ...} or an error until `requests` closes."""
     handlers: dict[str, Callable[[dict[str, Any], np.ndarray | None], Any]] = {
-        "warm_up": lambda header, images: _warm_up(),
+        "warm_up": _warm_up_reply,
         "reference_rows": _reference_rows_reply,
     }
     while True:
@@ -231,7 +250,7 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> None:
 
 
 def main() -> None:
-    """Entry point of `python -m dae.reference`: the replies get a private copy of stdout, fd 1 becomes stderr."""
+    """Entry point of `python -m dae.evaluation.helper`: the replies get a private copy of stdout, fd 1 becomes stderr."""
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
