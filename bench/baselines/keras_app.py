@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 import dae.losses  # noqa: F401 - registers the custom Keras objects a DAE model file refers to
 import dae.models  # noqa: F401
+import dae.training  # noqa: F401 - registers DenoisingAutoencoder, the class of a trained model's file
 
 _state: dict[str, Any] = {}
 
