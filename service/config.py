@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
-from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, RedisDsn, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import NoDecode
 
+from core.settings import SharedSettings
 from dae.cost import DEFAULT_MAX_MODEL_PARAMS, DEFAULT_MAX_TRAINING_MEMORY_MIB
-from dae.jobs import DEFAULT_RETENTION_DAYS, MAX_TASK_TIME_S
-
-#: The longest possible task plus an hour (the worker uses the same default; see worker/config.py).
-DEFAULT_VISIBILITY_TIMEOUT_S = int(MAX_TASK_TIME_S + 3600)
 
 
 def _default_intra_op_threads() -> int:
@@ -27,15 +23,9 @@ def _default_intra_op_threads() -> int:
     return max(1, cores // 2)
 
 
-class Settings(BaseSettings):
+class Settings(SharedSettings):
     """Everything the gateway can be configured with; each field maps to `DAE_<FIELD NAME>`."""
 
-    model_config = SettingsConfigDict(env_prefix="DAE_", extra="ignore", frozen=True)
-
-    redis_url: RedisDsn = Field(
-        RedisDsn("redis://localhost:6379/0"), description="Redis: job records, progress events and the Celery broker."
-    )
-    store_dir: Path = Field(Path("./var/store"), description="The model store (models, datasets, checkpoints).")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="Accepted X-API-Key values, comma-separated in the environment; empty turns auth off.",
@@ -107,17 +97,6 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(
         1, ge=1, le=3600,
         description="Retry-After sent with every 503 (serving queue full, job store or broker unavailable).",
-    )
-
-    # Celery producer. Same variable as the worker's (DAE_VISIBILITY_TIMEOUT_S), so both sides agree.
-    visibility_timeout_s: float = Field(
-        DEFAULT_VISIBILITY_TIMEOUT_S,
-        gt=0,
-        description="Redis broker visibility timeout, seconds; longer than the longest allowed job.",
-    )
-
-    job_retention_days: float = Field(
-        DEFAULT_RETENTION_DAYS, gt=0, description="Days a finished job's record and event stream are kept in Redis."
     )
 
     @field_validator("api_keys", mode="before")

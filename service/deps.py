@@ -18,8 +18,9 @@ from celery import Celery
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
-from dae.jobs import JobStore
-from dae.store import ModelStore
+from core.datasets import DatasetStore
+from core.jobs import JobStore
+from core.store import ModelStore
 from service.config import Settings
 from service.inference import InferenceEngine
 
@@ -39,6 +40,7 @@ class Resources:
     redis: redis.Redis
     jobs: JobStore
     store: ModelStore
+    datasets: DatasetStore
     producer: Celery
     inference: InferenceEngine
     store_writable: Callable[[], str]  # "ok" or why the model store is not writable (cached: it writes a file)
@@ -65,8 +67,13 @@ async def get_job_store(request: Request) -> JobStore:
 
 
 async def get_model_store(request: Request) -> ModelStore:
-    """The model store (models, datasets)."""
+    """The model store (published models)."""
     return request.app.state.resources.store
+
+
+async def get_dataset_store(request: Request) -> DatasetStore:
+    """Uploaded datasets (and the cache of fetched built-ins) in the store."""
+    return request.app.state.resources.datasets
 
 
 async def get_producer(request: Request) -> Celery:
@@ -102,6 +109,7 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 JobStoreDep = Annotated[JobStore, Depends(get_job_store)]
 ModelStoreDep = Annotated[ModelStore, Depends(get_model_store)]
+DatasetStoreDep = Annotated[DatasetStore, Depends(get_dataset_store)]
 ProducerDep = Annotated[Celery, Depends(get_producer)]
 InferenceDep = Annotated[InferenceEngine, Depends(get_inference)]
 

@@ -56,9 +56,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from core.store import CARD_FILE, ModelStore, is_model_id
 from dae.errors import InvalidImage, Overloaded, PayloadTooLarge
 from dae.spec import ModelCard
-from dae.store import CARD_FILE, ModelStore, is_model_id
 from service.error_maps import ErrorMaps
 from service.images import heatmap_rows, png_rows
 

@@ -1,7 +1,7 @@
 """The gateway's OpenAPI document, and `python -m service.openapi` to print it as YAML (for openapi.yaml).
 
-FastAPI generates the document from the routes; this adds the schemas of the /reconstruct body, which the
-route parses itself (it accepts JSON and multipart on one path) and references from its requestBody, and makes
+FastAPI generates the document from the routes; this adds the schemas of the /reconstruct body (JSON and
+multipart on one path, read by a dependency; the route's requestBody references both), and makes
 the document say what the gateway answers (checked by schemathesis: tests/e2e/test_schemathesis.py):
 - every error is the JSON ErrorBody (FastAPI documents its own 422 body, and errors of a route with another
   response class under that class's media type: text/event-stream, image/png);
@@ -31,7 +31,7 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     """The app's OpenAPI document (computed once per app)."""
     if app.openapi_schema:
         return app.openapi_schema
-    from service.routes.reconstruct import ReconstructRequest
+    from service.reconstruct.schemas import ReconstructForm, ReconstructRequest
 
     schema = get_openapi(
         title=app.title,
@@ -41,7 +41,10 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
         tags=app.openapi_tags,
     )
     extra = ReconstructRequest.model_json_schema(ref_template=_REF_TEMPLATE)
-    definitions = {**extra.pop("$defs", {}), "ReconstructRequest": extra}
+    form = ReconstructForm.model_json_schema(ref_template=_REF_TEMPLATE)
+    for field in form["properties"].values():  # a form field is absent or a value, never null
+        _drop_null(field)
+    definitions = {**extra.pop("$defs", {}), "ReconstructRequest": extra, "ReconstructForm": form}
     schemas = schema.setdefault("components", {}).setdefault("schemas", {})
     for name, definition in definitions.items():
         if name in schemas and schemas[name] != definition:
@@ -102,16 +105,23 @@ def _drop_null_from_parameters(schema: dict[str, Any]) -> None:
     """`X | None` parameters are documented as anyOf [X, null]; a header or query value cannot be null."""
     for operation in _operations(schema):
         for parameter in operation.get("parameters", []):
-            definition = parameter.get("schema", {})
-            branches = definition.get("anyOf")
-            if parameter.get("required") or not branches or {"type": "null"} not in branches:
-                continue
-            kept = [branch for branch in branches if branch != {"type": "null"}]
-            del definition["anyOf"]
-            if len(kept) == 1:
-                definition.update({key: value for key, value in kept[0].items() if key not in definition})
-            else:
-                definition["anyOf"] = kept
+            if not parameter.get("required"):
+                _drop_null(parameter.get("schema", {}))
+
+
+def _drop_null(definition: dict[str, Any]) -> None:
+    """An optional value's schema without its `null` branch (and without a `null` default)."""
+    branches = definition.get("anyOf")
+    if not branches or {"type": "null"} not in branches:
+        return
+    kept = [branch for branch in branches if branch != {"type": "null"}]
+    del definition["anyOf"]
+    if definition.get("default", ...) is None:
+        del definition["default"]
+    if len(kept) == 1:
+        definition.update({key: value for key, value in kept[0].items() if key not in definition})
+    else:
+        definition["anyOf"] = kept
 
 
 #: operationId -> what the link from GET /models (its first card) says.

@@ -13,7 +13,7 @@ import redis
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from dae.jobs import JobStore
+from core.jobs import JobStore
 from service.deps import ResourcesDep, redis_reply
 from service.responses import OrjsonResponse
 from service.schemas import Liveness, Readiness

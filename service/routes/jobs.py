@@ -19,21 +19,23 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import BeforeValidator
 
+from core.datasets import DatasetStore
+from core.jobs import IDEMPOTENCY_KEY_PATTERN, JobStore, is_redis_outage, state_event
+from core.queue import enqueue_training
 from dae.cost import check_job_cost
 from dae.data import BUILTIN_DATASETS, dataset_info
 from dae.errors import DaeError, DatasetNotFound, DatasetUnavailable, InvalidSpec, JobNotFound
-from dae.jobs import IDEMPOTENCY_KEY_PATTERN, JobStore, enqueue_training, is_redis_outage, state_event
 from dae.spec import JobRecord, JobState, TrainingSpec
-from dae.store import ModelStore
 from service.config import Settings
 from service.deps import (
     ApiKeyRequired,
+    DatasetStoreDep,
     JobStoreDep,
-    ModelStoreDep,
     ProducerDep,
     SettingsDep,
     redis_reply,
 )
+from service.errors import BrokerUnavailable
 from service.schemas import MAX_LIST_OFFSET, JobList, error_responses
 
 logger = logging.getLogger(__name__)
@@ -49,12 +51,6 @@ EVENTS_OUTAGE_BACKOFF_S = (0.25, 2.0)
 #: header's pattern, so the schema and the check agree.
 LAST_EVENT_ID_PATTERN = r"^\d{1,19}(-\d{1,19})?$"
 _LAST_EVENT_ID = re.compile(LAST_EVENT_ID_PATTERN, re.ASCII)
-
-
-class BrokerUnavailable(DaeError):
-    """The job was recorded but could not be handed to the queue (the broker did not answer)."""
-
-    status_code = 503
 
 
 def _whole_numbers_as_int(value: Any) -> Any:
@@ -83,7 +79,7 @@ def strict_spec(value: Any) -> Any:
 SubmittedSpec = Annotated[TrainingSpec, BeforeValidator(strict_spec)]
 
 
-def check_submittable(spec: TrainingSpec, settings: Settings, store: ModelStore) -> None:
+def check_submittable(spec: TrainingSpec, settings: Settings, store: DatasetStore) -> None:
     """Reject specs that cannot run here: too many epochs, unknown or unavailable dataset, too deep for its images,
     a model or training memory above the limits."""
     if spec.epochs > settings.max_epochs:
@@ -123,7 +119,7 @@ def create_job(
     response: Response,
     settings: SettingsDep,
     jobs: JobStoreDep,
-    store: ModelStoreDep,
+    store: DatasetStoreDep,
     producer: ProducerDep,
     idempotency_key: Annotated[
         str | None,

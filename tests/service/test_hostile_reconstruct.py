@@ -27,9 +27,11 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-import service.routes.reconstruct as reconstruct_module
+import service.reconstruct.formats as formats_module
+import service.reconstruct.parsing as parsing_module
+import service.reconstruct.pipeline as pipeline_module
+from core.store import ModelStore
 from dae.spec import TrainingSpec
-from dae.store import ModelStore
 from service.config import Settings
 from service.images import float32_base64
 from service.inference import TRIM_DELAY_S
@@ -124,8 +126,8 @@ def test_an_oversized_request_is_refused_from_headers_without_decoding_anything(
     """Images whose pixel data is garbage: over the budget the answer is 413 (nothing was decoded, or the
     garbage would be a 422); within it the garbage is found by decoding (422)."""
     decoded: list[int] = []
-    decode_call = reconstruct_module.decode_call
-    monkeypatch.setattr(reconstruct_module, "decode_call", lambda *args: decoded.append(1) or decode_call(*args))
+    decode_call = pipeline_module.decode_call
+    monkeypatch.setattr(pipeline_module, "decode_call", lambda *args: decoded.append(1) or decode_call(*args))
     with TestClient(create_app(limited(settings, max_request_pixels=64 * 64 * 4))) as client:
         over = client.post("/reconstruct", json={"model": "conv-test", "images": [{"image": garbage_png(64, 64)}] * 5})
         assert over.status_code == 413 and "Received: 20480 values in 5 image(s)" in over.json()["detail"]
@@ -209,9 +211,10 @@ def test_pieces_worker_threads_and_blocked_json_answer_byte_for_byte_like_the_pl
     answers: dict[str, list[bytes]] = {}
     bodies = varied_bodies()
     for label, app_settings, inline_limit, block in (("plain", plain, 10**12, 10**9), ("bounded", bounded, 0, 100)):
-        monkeypatch.setattr(reconstruct_module, "INLINE_WORK_LIMIT", inline_limit)
-        monkeypatch.setattr(reconstruct_module, "JSON_BLOCK_VALUES", block)
-        monkeypatch.setattr(reconstruct_module, "ANSWER_BLOCK_VALUES", 2 * block)  # two 7x9 entries per block
+        monkeypatch.setattr(parsing_module, "INLINE_WORK_LIMIT", inline_limit)
+        monkeypatch.setattr(pipeline_module, "INLINE_WORK_LIMIT", inline_limit)
+        monkeypatch.setattr(formats_module, "JSON_BLOCK_VALUES", block)
+        monkeypatch.setattr(pipeline_module, "ANSWER_BLOCK_VALUES", 2 * block)  # two 7x9 entries per block
         app = create_app(app_settings)
         with TestClient(app) as client:
             answers[label] = []
@@ -231,16 +234,16 @@ def test_pieces_worker_threads_and_blocked_json_answer_byte_for_byte_like_the_pl
 def test_json_fragments_are_what_orjson_writes_for_the_whole_array(monkeypatch):
     import orjson  # noqa: PLC0415
 
-    monkeypatch.setattr(reconstruct_module, "JSON_BLOCK_VALUES", 7)
+    monkeypatch.setattr(formats_module, "JSON_BLOCK_VALUES", 7)
     for shape in [(1, 1), (5, 3), (13, 4), (3, 4, 3), (1, 50)]:
         array = RNG.random(shape, dtype=np.float32)
         expected = orjson.dumps(array, option=orjson.OPT_SERIALIZE_NUMPY)
-        assert orjson.dumps(reconstruct_module.json_fragment(array)) == expected, shape
+        assert orjson.dumps(formats_module.json_fragment(array)) == expected, shape
 
 
 def _thread_of_decoding(monkeypatch) -> list[str]:
     where: list[str] = []
-    decode_call = reconstruct_module.decode_call
+    decode_call = pipeline_module.decode_call
 
     def recording(*args):
         try:
@@ -250,14 +253,14 @@ def _thread_of_decoding(monkeypatch) -> list[str]:
             where.append("worker thread")
         return decode_call(*args)
 
-    monkeypatch.setattr(reconstruct_module, "decode_call", recording)
+    monkeypatch.setattr(pipeline_module, "decode_call", recording)
     return where
 
 
 def test_large_bodies_are_decoded_off_the_loop_by_bytes_read_even_when_chunked(client, conv_card, monkeypatch):
     where = _thread_of_decoding(monkeypatch)
     small = json.dumps({"model": "conv-test", "image": png_base64(RNG.random((8, 8)))}).encode()
-    big = small[:-1] + b" " * reconstruct_module.INLINE_WORK_LIMIT + b"}"  # the same request, padded with whitespace
+    big = small[:-1] + b" " * parsing_module.INLINE_WORK_LIMIT + b"}"  # the same request, padded with whitespace
 
     def chunked(body: bytes):
         for start in range(0, len(body), 4096):

@@ -15,7 +15,7 @@ from PIL import Image
 from service.config import Settings
 from service.images import float32_base64
 from service.main import create_app
-from service.routes.reconstruct import EXAMPLE_PNG_8X8, ReconstructResponse
+from service.reconstruct.schemas import EXAMPLE_PNG_8X8, ReconstructResponse
 from tests.service.tiny_models import png_base64, png_bytes, run_onnx
 
 RNG = np.random.default_rng(7)
