@@ -19,8 +19,12 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from skimage.metrics import structural_similarity
 
 from dae.spec import LayerSparsity, SparsityReport
+
+# Imported with the module (as scipy.ndimage was before), so the first scored request does not pay for scipy's import.
+_structural_similarity: Callable[..., float] = structural_similarity  # skimage ships no annotations
 
 PSNR_CAP_DB = 100.0
 NEAR_ZERO = 1e-6
@@ -85,15 +89,12 @@ def ssim_window(height: int, width: int) -> int:
 
 def ssim_per_image(clean: ArrayLike, estimate: ArrayLike) -> NDArray[np.float64]:
     """SSIM (data_range 1) of each image, shape (N,): skimage.metrics.structural_similarity, channels averaged."""
-    from skimage.metrics import structural_similarity  # noqa: PLC0415 - skimage's import is slow; only when scored
-
-    ssim: Callable[..., float] = structural_similarity  # skimage ships no annotations
 
     clean_batch, estimate_batch = _pair(clean, estimate)
     window = ssim_window(clean_batch.shape[1], clean_batch.shape[2])
     return np.array(
         [
-            float(ssim(x, y, win_size=window, data_range=1.0, channel_axis=-1))
+            float(_structural_similarity(x, y, win_size=window, data_range=1.0, channel_axis=-1))
             for x, y in zip(clean_batch, estimate_batch, strict=True)
         ],
         dtype=np.float64,
