@@ -251,10 +251,10 @@ def serve(requests: IO[bytes], replies: IO[bytes]) -> None:
 
 def main() -> None:
     """Entry point of `python -m dae.evaluation.helper`: the replies get a private copy of stdout, fd 1 becomes stderr."""
-    replies = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    serve(sys.stdin.buffer, replies)
+    with os.fdopen(os.dup(1), "wb") as replies:
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+        serve(sys.stdin.buffer, replies)
 
 
 if __name__ == "__main__":
