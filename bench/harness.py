@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import httpx
 import numpy as np
@@ -251,7 +252,7 @@ class UvicornServer:
         return [sys.executable, "-m", "uvicorn", self.app, "--host", "127.0.0.1", "--port", str(self.port),
                 "--no-access-log", "--log-level", "warning"]
 
-    def start(self, ready_timeout_s: float = 120.0) -> UvicornServer:
+    def start(self, ready_timeout_s: float = 120.0) -> Self:
         """Start and wait until the health path answers 200."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
@@ -295,7 +296,7 @@ class UvicornServer:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=5)
 
-    def __enter__(self) -> UvicornServer:
+    def __enter__(self) -> Self:
         return self.start() if self.process is None else self
 
     def __exit__(self, *exc_info: object) -> None:

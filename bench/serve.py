@@ -153,6 +153,8 @@ def train_models(store: ModelStore, train_images: int,
         print(f"  trained and published {card.name} ({card.parameters:,} parameters) in "
               f"{time.perf_counter() - started:.1f} s")
         cards.append(card)
+    if data is None:
+        raise RuntimeError("no model was trained")
     return cards[0], cards[1] if with_conv else None, data.test
 
 
@@ -467,6 +469,8 @@ def report_scenarios(scenarios: Scenarios, constant_results: list[LoadResult], k
     print(f"gateway memory: RSS {scenarios.rss_mib:.0f} MiB with {scenarios.sessions} models loaded (peak "
           f"{scenarios.peak_mib:.0f} MiB; {scenarios.rss_two_models_mib:.0f} MiB with 2 loaded, after the load runs)")
     constant_headline = at_level(constant_results, HEADLINE_CONCURRENCY)
+    if constant_headline is None:
+        raise RuntimeError(f"the constant app was not swept at c={HEADLINE_CONCURRENCY}")
     print(f"\nceiling share at c={HEADLINE_CONCURRENCY}, PNG in (median of {rounds} rounds of the variant followed by "
           "the constant app; the single sweeps above gave "
           + ", ".join(f"{result.label.removeprefix('gateway dense PNG, ')} {result.rps / constant_headline.rps:.0%}"

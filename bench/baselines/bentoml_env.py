@@ -3,8 +3,8 @@
 BentoML brings its own web stack and pins, so it is installed apart from the project: a virtual environment under
 `var/bench/bentoml-<hash of bentoml-requirements.txt>/`, created once with pip from the pinned requirements and
 reused while the file is unchanged (a marker file written after a successful install and import; a lock file
-serializes concurrent runs). When it cannot be installed (no registry, no pip), `BentoMLUnavailable` says why and
-the benchmark skips the peer.
+serializes concurrent runs; environments of earlier versions of the file are removed). When it cannot be
+installed (no registry, no pip), `BentoMLUnavailable` says why and the benchmark skips the peer.
 """
 
 from __future__ import annotations
@@ -91,6 +91,9 @@ def ensure_environment(log_path: Path) -> Path:
                     tail = log_path.read_text(errors="replace")[-1500:]
                     raise BentoMLUnavailable(f"`{' '.join(step[:4])} ...` exited {completed.returncode}:\n{tail}")
         marker.write_text("\n".join(f"{name}=={version}" for name, version in sorted(pins(REQUIREMENTS).items())))
+        for stale in CACHE_DIR.glob("bentoml-*"):  # environments of earlier requirements
+            if stale != venv and stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
         return venv
 
 
@@ -118,11 +121,6 @@ class BentoMLServer(UvicornServer):
         """The bentoml serve command line."""
         return [str(self.venv / "bin" / "bentoml"), "serve", self.app, "--host", "127.0.0.1", "--port",
                 str(self.port)]
-
-    def start(self, ready_timeout_s: float = 120.0) -> BentoMLServer:
-        """Start and wait until /readyz answers 200."""
-        super().start(ready_timeout_s)
-        return self
 
 
 def onnx_threads() -> int:

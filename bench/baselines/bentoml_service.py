@@ -21,7 +21,7 @@ from typing import Annotated
 import bentoml
 import numpy as np
 import onnxruntime as ort
-from bentoml.validators import DType
+from bentoml.validators import ContentType, DType
 from pydantic import BaseModel
 
 MAX_BATCH_SIZE = int(os.environ.get("BENCH_BENTOML_MAX_BATCH_SIZE", "64"))
@@ -74,7 +74,9 @@ class Denoiser:
         self.session.run([self.output_name], {self.input_name: np.zeros((1, height, width, channels), np.float32)})
 
     @bentoml.api(route="/reconstruct", batchable=True, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
-    def reconstruct(self, pixels: Annotated[np.ndarray, DType("float32")]) -> list[Reconstructed]:
+    def reconstruct(
+        self, pixels: Annotated[np.ndarray, DType("float32")]
+    ) -> Annotated[list[Reconstructed], ContentType("application/json")]:  # else a JSON schema is built per answer
         """Denoise (N, H, W) gray images in [0, 1]: per image the output clipped to [0, 1], |input − output|, stats."""
         images = np.ascontiguousarray(pixels[..., np.newaxis])
         outputs = self.session.run([self.output_name], {self.input_name: images})[0]
