@@ -44,6 +44,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import httpx
 import numpy as np
 import redis
+from typing_extensions import override
 
 from bench.harness import UvicornServer, format_table, load_average, verdict
 from bench.interference import OtherProcessesCpu
@@ -188,9 +189,11 @@ def run_bare_keras(spec: TrainingSpec) -> tuple[list[tuple[float, float]], int, 
     epoch_times: list[tuple[float, float]] = []
 
     class EpochTimer(keras.callbacks.Callback):
+        @override
         def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
             self.started = time.time()
 
+        @override
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             epoch_times.append((self.started, time.time()))
 

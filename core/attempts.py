@@ -207,25 +207,32 @@ class AttemptStore(JobStore):
         return bool(self._take_turn(keys=[key], args=[token, int(ttl_s * 1000)]))
 
     def prune_expired(self) -> int:
-        """Drop index entries of finished jobs whose records expired (retention); returns how many."""
+        """Drop index entries of finished jobs whose records expired (retention), from the indexes of every owner
+        and of each owner; returns how many jobs went."""
         cutoff = utc_now().timestamp() - self.retention_s
+        owners: list[str | None] = [None, *sorted(decoded(owner) for owner in self.client.smembers(self.owners_key()))]
         removed = 0
-        for state in (state for state in JobState if state.is_terminal):
-            expired: list[bytes | str] = self.client.zrangebyscore(self.index_key(state), "-inf", cutoff)  # type: ignore[assignment]
-            candidates = [decoded(job_id) for job_id in expired]
-            if not candidates:
-                continue
-            pipe = self.client.pipeline(transaction=False)
-            for job_id in candidates:
-                pipe.exists(self.job_key(job_id))
-            gone = [job_id for job_id, exists in zip(candidates, pipe.execute(), strict=True) if not exists]
-            if gone:
-                pipe = self.client.pipeline(transaction=True)
-                pipe.zrem(self.index_key(state), *gone)
-                pipe.zrem(self.index_key(), *gone)
-                pipe.execute()
-                removed += len(gone)
+        for owner in owners:
+            for state in (state for state in JobState if state.is_terminal):
+                gone = self._expired_ids(self.index_key(state, owner), cutoff)
+                if gone:
+                    pipe = self.client.pipeline(transaction=True)
+                    pipe.zrem(self.index_key(state, owner), *gone)
+                    pipe.zrem(self.index_key(owner=owner), *gone)
+                    pipe.execute()
+                    removed += len(gone) if owner is None else 0
         return removed
+
+    def _expired_ids(self, index: str, cutoff: float) -> list[str]:
+        """Ids in `index` created before `cutoff` whose record no longer exists."""
+        expired: list[bytes | str] = self.client.zrangebyscore(index, "-inf", cutoff)  # type: ignore[assignment]
+        candidates = [decoded(job_id) for job_id in expired]
+        if not candidates:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for job_id in candidates:
+            pipe.exists(self.job_key(job_id))
+        return [job_id for job_id, exists in zip(candidates, pipe.execute(), strict=True) if not exists]
 
     # -- internals -------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ import numpy as np
 from core.fsio import atomic_write, atomic_write_bytes, atomic_write_text
 from dae.errors import DatasetNotFound, PayloadTooLarge
 from dae.fingerprints import fingerprint_pixels
-from dae.spec import DatasetInfo, is_dataset_id
+from dae.spec import DEFAULT_OWNER, DatasetInfo, check_owner, is_dataset_id
 
 logger = logging.getLogger(__name__)
 
@@ -35,15 +35,23 @@ def new_dataset_id() -> str:
 
 
 class DatasetStore:
-    """Uploaded datasets (and the cache of fetched built-ins) under a store root."""
+    """Uploaded datasets (and the cache of fetched built-ins) under a store root, as one owner sees them: another
+    owner's dataset is DatasetNotFound; `every_owner=True` (an admin) sees all. Files written before owners existed
+    belong to the default owner."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, owner: str = DEFAULT_OWNER, *, every_owner: bool = False) -> None:
         self.root = Path(root).resolve()
+        self.owner = check_owner(owner)
+        self.every_owner = every_owner
         self.directory = self.root / "datasets"
         self.cache_dir = self.root / "cache"
 
     def __repr__(self) -> str:
-        return f"DatasetStore(root={str(self.root)!r})"
+        return f"DatasetStore(root={str(self.root)!r}, owner={self.owner!r}, every_owner={self.every_owner})"
+
+    def with_owner(self, owner: str, *, every_owner: bool = False) -> DatasetStore:
+        """The same store as `owner` sees it."""
+        return DatasetStore(self.root, owner, every_owner=every_owner)
 
     def write_cache(self, filename: str, data: bytes) -> None:
         """Keep a fetched built-in dataset (e.g. "mnist.npz") in cache/, atomically."""
@@ -103,6 +111,7 @@ class DatasetStore:
             count=int(stored.shape[0]),
             shape=[int(side) for side in stored.shape[1:]],
             available=True,
+            owner=self.owner,
             created_at=datetime.now(UTC),
             filename=filename,
             fingerprint=fingerprint_pixels(stored),
@@ -129,7 +138,12 @@ class DatasetStore:
             text = (self.directory / f"{dataset_id}.json").read_text(encoding="utf-8")
         except FileNotFoundError:
             raise DatasetNotFound(f"No uploaded dataset with this id. Received: dataset_id={dataset_id!r}") from None
-        return DatasetInfo.model_validate_json(text)
+        info = DatasetInfo.model_validate_json(text)
+        if info.owner is None:  # written before owners existed
+            info = info.model_copy(update={"owner": DEFAULT_OWNER})
+        if not self.every_owner and info.owner != self.owner:
+            raise DatasetNotFound(f"No uploaded dataset with this id. Received: dataset_id={dataset_id!r}")
+        return info
 
     def load_images(self, dataset_id: str) -> np.ndarray:
         """All images of an uploaded dataset as float32 (N, H, W, C) in [0, 1]; compressed and (older) uncompressed

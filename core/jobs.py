@@ -22,13 +22,14 @@ hash and events expire after the retention period; the reaper prunes their index
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
 import secrets
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, TypeVar, overload
+from typing import Any, Self, TypeVar, overload
 
 import redis
 from redis.typing import EncodableT
@@ -43,7 +44,7 @@ from core.leases import (
 )
 from dae.errors import Conflict, DaeError, JobNotFound
 from dae.fingerprints import spec_fingerprint
-from dae.spec import JobRecord, JobState, TrainingSpec
+from dae.spec import DEFAULT_OWNER, JobRecord, JobState, TrainingSpec, check_owner
 
 logger = logging.getLogger(__name__)
 
@@ -123,16 +124,29 @@ class JobStore:
     """Job records, state indexes, idempotency keys, progress events and locks in one Redis."""
 
     def __init__(self, client: redis.Redis, *, prefix: str = DEFAULT_PREFIX,
-                 retention_s: float = DEFAULT_RETENTION_DAYS * 86400) -> None:
+                 retention_s: float = DEFAULT_RETENTION_DAYS * 86400, owner: str = DEFAULT_OWNER,
+                 every_owner: bool = False) -> None:
         if retention_s < 1:
             raise ValueError(f"Expected a retention of at least a second. Received: retention_s={retention_s}")
         self.client = client
         self.prefix = prefix
         self.retention_s = retention_s
+        self.owner = check_owner(owner)
+        self.every_owner = every_owner
         self._renew_lease = client.register_script(RENEW_LEASE_LUA)
         self._release_lease = client.register_script(RELEASE_LEASE_LUA)
         self._free_lost_lease = client.register_script(FREE_LOST_LEASE_LUA)
         self._take_turn = client.register_script(TAKE_TURN_LUA)
+
+    def with_owner(self, owner: str, *, every_owner: bool = False) -> Self:
+        """The same store as `owner` sees it: its jobs only (every owner's with `every_owner`), its idempotency keys.
+        Shares the client and the scripts (cheap)."""
+        view = copy.copy(self)
+        view.owner, view.every_owner = check_owner(owner), every_owner
+        return view
+
+    def _visible(self, record: JobRecord) -> bool:
+        return self.every_owner or record.owner == self.owner
 
     # -- key names -------------------------------------------------------------------------------
 
@@ -148,12 +162,21 @@ class JobStore:
         """The lease of the attempt that owns the job."""
         return f"{self.prefix}job:{job_id}:lease"
 
-    def index_key(self, state: JobState | None = None) -> str:
-        """Sorted set of all jobs (state None) or of the jobs in one state."""
-        return f"{self.prefix}jobs:all" if state is None else f"{self.prefix}jobs:state:{state.value}"
+    def index_key(self, state: JobState | None = None, owner: str | None = None) -> str:
+        """Sorted set of all jobs (state None) or of the jobs in one state: of every owner, or of `owner`."""
+        scope = f"{self.prefix}owner:{owner}:" if owner is not None else self.prefix
+        return f"{scope}jobs:all" if state is None else f"{scope}jobs:state:{state.value}"
+
+    def owners_key(self) -> str:
+        """Set of every owner that ever created a job (to prune their indexes)."""
+        return f"{self.prefix}owners"
 
     def idempotency_key(self, key: str) -> str:
-        """Where an idempotency key maps to its job."""
+        """Where this owner's idempotency key maps to its job (owners never contain ':', so keys cannot collide)."""
+        return f"{self.prefix}idem:{self.owner}:{key}"
+
+    def legacy_idempotency_key(self, key: str) -> str:
+        """Where a key lived before owners existed (the default owner's; they expire within IDEMPOTENCY_TTL_S)."""
         return f"{self.prefix}idempotency:{key}"
 
     # -- gateway side ----------------------------------------------------------------------------
@@ -171,13 +194,17 @@ class JobStore:
             )
         fingerprint = spec_fingerprint(spec)
         now = utc_now()
-        record = JobRecord(id=new_job_id(), state=JobState.queued, spec=spec, created_at=now)
+        record = JobRecord(id=new_job_id(), owner=self.owner, state=JobState.queued, spec=spec, created_at=now)
         score = now.timestamp()
         idem_key = self.idempotency_key(idempotency_key) if idempotency_key is not None else None
+        legacy_key = (self.legacy_idempotency_key(idempotency_key)
+                      if idempotency_key is not None and self.owner == DEFAULT_OWNER else None)
 
         def attempt(pipe: redis.client.Pipeline) -> tuple[JobRecord, bool]:
             if idem_key is not None:
                 existing = decoded(pipe.get(idem_key))
+                if existing is None and legacy_key is not None:
+                    existing = decoded(pipe.get(legacy_key))
                 if existing is not None:
                     mapping = json.loads(existing)
                     if mapping["spec_sha256"] != fingerprint:
@@ -187,36 +214,40 @@ class JobStore:
                             f"Received: a spec with sha256 {fingerprint[:12]}…"
                         )
                     raw = decoded(pipe.hget(self.job_key(mapping["job_id"]), "record"))
-                    if raw is not None:
-                        return JobRecord.model_validate_json(raw), False
+                    if raw is not None and self._visible(previous := JobRecord.model_validate_json(raw)):
+                        return previous, False
                     # The job it named is gone: the key is free again.
             pipe.multi()
             fields: dict[EncodableT, EncodableT] = {"record": record.model_dump_json()}
             if idempotency_key is not None:
                 fields["idempotency_key"] = idempotency_key
             pipe.hset(self.job_key(record.id), mapping=fields)
-            pipe.zadd(self.index_key(), {record.id: score})
-            pipe.zadd(self.index_key(JobState.queued), {record.id: score})
+            for owner in (None, record.owner):
+                pipe.zadd(self.index_key(owner=owner), {record.id: score})
+                pipe.zadd(self.index_key(JobState.queued, owner), {record.id: score})
+            pipe.sadd(self.owners_key(), record.owner)
             if idem_key is not None:
                 pipe.set(idem_key, json.dumps({"job_id": record.id, "spec_sha256": fingerprint}), ex=IDEMPOTENCY_TTL_S)
             self._add_event(pipe, record.id, state_event(record))
             return record, True
 
-        watched = [idem_key] if idem_key is not None else []
+        watched = [key for key in (idem_key, legacy_key) if key is not None]
         return self._transaction(attempt, *watched)
 
     def get(self, job_id: str) -> JobRecord:
         """The record of one job; JobNotFound for unknown or malformed ids."""
         raw = decoded(self.client.hget(self.job_key(check_job_id(job_id)), "record"))
-        if raw is None:
+        record = JobRecord.model_validate_json(raw) if raw is not None else None
+        if record is None or not self._visible(record):  # another owner's job does not exist for this view
             raise JobNotFound(f"No job with this id. Received: job_id={job_id!r}")
-        return JobRecord.model_validate_json(raw)
+        return record
 
     def list(self, state: JobState | None = None, limit: int = 50, offset: int = 0) -> tuple[list[JobRecord], int]:
         """Jobs newest first (all, or in one state), paginated; returns (page, total)."""
         if limit < 0 or offset < 0:
             raise ValueError(f"limit and offset must be >= 0. Received: limit={limit}, offset={offset}")
-        index = self.index_key(JobState(state) if state is not None else None)
+        index = self.index_key(JobState(state) if state is not None else None,
+                               None if self.every_owner else self.owner)
         if limit == 0:
             return [], int(self.client.zcard(index))
         pipe = self.client.pipeline(transaction=False)
@@ -244,7 +275,7 @@ class JobStore:
         queued → cancelled at once (the worker skips it); running/retrying → cancelling (the training loop
         stops at the next batch boundary); cancelling/cancelled → unchanged. Conflict for succeeded/failed.
         """
-        check_job_id(job_id)
+        self.get(job_id)  # JobNotFound for another owner's job
 
         def change(record: JobRecord) -> JobRecord | None:
             if record.state in (JobState.succeeded, JobState.failed):
@@ -364,8 +395,9 @@ class JobStore:
             self._add_event(pipe, job_id, event)
         if result.state != current.state:
             score = current.created_at.timestamp()
-            pipe.zrem(self.index_key(current.state), job_id)
-            pipe.zadd(self.index_key(result.state), {job_id: score})
+            for owner in (None, result.owner):
+                pipe.zrem(self.index_key(current.state, owner), job_id)
+                pipe.zadd(self.index_key(result.state, owner), {job_id: score})
         if via is not None:
             self._add_event(pipe, job_id, state_event(via))
         if result.state != current.state or via is not None:

@@ -4,7 +4,8 @@ Layout under the store root (a local directory; every process and host that shar
 core/datasets.py and core/checkpoints.py keep datasets/, cache/ and checkpoints/ under the same root):
 
     models/<model id>/{model.keras, model.onnx, card.json, history.png, samples.png}
-    names/<name>/<version>/model_id   (version reservation by os.mkdir, and the name -> id index)
+    owners/<owner>/names/<name>/<version>/model_id   (version reservation by os.mkdir, and the name -> id index
+                               of each owner: names and versions are per owner)
     tmp/                       (staging directories, named after the process that writes them, and temp files;
                                same filesystem, so renames are atomic)
 
@@ -15,6 +16,8 @@ Why this shape:
   publish the same name at once get different versions without a lock server.
 - Every id and reference is matched against a strict pattern before it becomes part of a path, so "../x" and
   friends raise ModelNotFound and never touch anything outside the root.
+- A store is seen as one owner (ModelStore(root, owner)): names resolve in that owner's index and another owner's
+  model is ModelNotFound, as if it did not exist; `every_owner=True` (an admin) sees and lists every owner's models.
 - card.json's modification time is set to the card's created_at, so listing newest-first needs one stat per
   model and reads only the cards of the requested page.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -36,7 +40,7 @@ from pathlib import Path
 
 from core.fsio import atomic_write_text, fsync_directory
 from dae.errors import Conflict, ModelNotFound
-from dae.spec import NAME_PATTERN, ModelCard
+from dae.spec import DEFAULT_OWNER, NAME_PATTERN, ModelCard, check_owner
 
 logger = logging.getLogger(__name__)
 
@@ -67,16 +71,40 @@ def is_model_id(value: str) -> bool:
 
 
 class ModelStore:
-    """Published models under one root directory (see the module docstring for the layout)."""
+    """Published models under one root directory, as one owner sees them (see the module docstring)."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, owner: str = DEFAULT_OWNER, *, every_owner: bool = False) -> None:
         self.root = Path(root).resolve()
+        self.owner = check_owner(owner)
+        self.every_owner = every_owner
         self.models_dir = self.root / "models"
-        self.names_dir = self.root / "names"
+        self.owners_dir = self.root / "owners"
+        self.names_dir = self.owners_dir / self.owner / "names"
         self.tmp_dir = self.root / "tmp"
 
     def __repr__(self) -> str:
-        return f"ModelStore(root={str(self.root)!r})"
+        return f"ModelStore(root={str(self.root)!r}, owner={self.owner!r}, every_owner={self.every_owner})"
+
+    def with_owner(self, owner: str, *, every_owner: bool = False) -> ModelStore:
+        """The same store as `owner` sees it (cheap: no file is touched)."""
+        return ModelStore(self.root, owner, every_owner=every_owner)
+
+    def _names_dir_of(self, owner: str) -> Path:
+        return self.owners_dir / check_owner(owner) / "names"
+
+    def _owner_of(self, model_id: str) -> str | None:
+        """The owner on a published model's card (None: no such model)."""
+        try:
+            text = (self.models_dir / model_id / CARD_FILE).read_text(encoding="utf-8")
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        owner = json.loads(text).get("owner", DEFAULT_OWNER)
+        return owner if isinstance(owner, str) else DEFAULT_OWNER
+
+    def _visible(self, model_id: str) -> bool:
+        """Whether `model_id` is published and this view may see it."""
+        owner = self._owner_of(model_id)
+        return owner is not None and (self.every_owner or owner == self.owner)
 
     # -----------------------------------------------------------------------------------------
     # Directories
@@ -207,9 +235,12 @@ class ModelStore:
         if target.exists():
             raise Conflict(f"Expected a new model id. Received: card.id={card.id!r}, which is already published.")
 
-        version_dir = self.names_dir / card.name / str(card.version)
+        if card.owner != self.owner and not self.every_owner:
+            raise ValueError(f"Expected a card of this store's owner {self.owner!r}. Received: card.owner={card.owner!r}")
+        owned = self.with_owner(card.owner)
+        version_dir = owned.names_dir / card.name / str(card.version)
         version_dir.mkdir(parents=True, exist_ok=True)
-        existing = self._model_id_for(card.name, card.version)
+        existing = owned._model_id_for(card.name, card.version)
         if existing is not None and existing != card.id:
             raise Conflict(
                 f"Version {card.version} of {card.name!r} is already published as {existing}. Expected a version "
@@ -238,7 +269,7 @@ class ModelStore:
         """The model id that `ref` (id | name | name:version) points to. ModelNotFound otherwise."""
         if not isinstance(ref, str):
             raise ModelNotFound(f"Expected a model id, name or name:version. Received: ref={ref!r}")
-        if is_model_id(ref) and (self.models_dir / ref / CARD_FILE).is_file():
+        if is_model_id(ref) and self._visible(ref):
             return ref
         name, separator, version_text = ref.partition(":")
         if _NAME_RE.fullmatch(name):
@@ -272,11 +303,17 @@ class ModelStore:
             if not _NAME_RE.fullmatch(name):
                 return [], 0
             candidate_ids = [model_id for _, model_id in self._published_ids_of_name(name)]
-        else:
+        elif self.every_owner:
             try:
                 candidate_ids = [entry for entry in os.listdir(self.models_dir) if is_model_id(entry)]
             except FileNotFoundError:
                 candidate_ids = []
+        else:
+            try:
+                names = [entry for entry in os.listdir(self.names_dir) if _NAME_RE.fullmatch(entry)]
+            except FileNotFoundError:
+                names = []
+            candidate_ids = [model_id for name in names for _, model_id in self._published_ids_of_name(name)]
         dated = []
         for model_id in candidate_ids:
             try:
@@ -316,7 +353,7 @@ class ModelStore:
             shutil.rmtree(trash, ignore_errors=True)
             raise ModelNotFound(f"Model {card.id} was already deleted. Received: ref={ref!r}") from None
         with contextlib.suppress(FileNotFoundError):
-            (self.names_dir / card.name / str(card.version) / _MODEL_ID_FILE).unlink()
+            (self._names_dir_of(card.owner) / card.name / str(card.version) / _MODEL_ID_FILE).unlink()
         shutil.rmtree(trash, ignore_errors=True)
         logger.info("deleted model %s (%s v%d)", card.id, card.name, card.version)
         return card

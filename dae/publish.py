@@ -47,7 +47,9 @@ _LIBRARIES = {
 
 
 class ModelPublisher(Protocol):
-    """Where a model is staged and published (core.store.ModelStore is one)."""
+    """Where a model is staged and published, as one owner (core.store.ModelStore is one)."""
+
+    owner: str
 
     def staging_dir(self) -> Path: ...
 
@@ -128,6 +130,7 @@ def publish_training_result(
             id=model_id,
             name=name,
             version=version,
+            owner=store.owner,
             job_id=job_id,
             created_at=datetime.now(UTC),
             spec=spec,

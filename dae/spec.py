@@ -22,8 +22,20 @@ MAX_BATCH_SIZE = 4096
 MAX_RUNTIME_S = 24 * 3600
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+#: Who a job, model or dataset belongs to: the owner of the API key that created it (DESIGN.md §5).
+OWNER_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+#: The owner of everything made without keys (an open service) and of everything written before owners existed.
+DEFAULT_OWNER = "default"
 #: An uploaded dataset's id: "ds_" + 12 hex characters.
 DATASET_ID_PATTERN = r"^ds_[0-9a-f]{12}$"
+
+
+def check_owner(owner: str) -> str:
+    """`owner` if it is a valid owner name; ValueError otherwise (it becomes part of paths and Redis keys)."""
+    if not isinstance(owner, str) or re.fullmatch(OWNER_PATTERN, owner) is None:
+        raise ValueError(f"An owner is 1-64 of a-z 0-9 _ - starting with a letter or digit. Expected a match of "
+                         f"{OWNER_PATTERN}. Received: owner={owner!r}")
+    return owner
 
 
 def is_dataset_id(value: str) -> bool:
@@ -326,6 +338,7 @@ class JobRecord(BaseModel):
     """A training job as the gateway reports it."""
 
     id: str
+    owner: str = Field(DEFAULT_OWNER, description="Who the job belongs to: the owner of the API key that submitted it.")
     state: JobState
     spec: TrainingSpec
     created_at: datetime
@@ -387,6 +400,7 @@ class ModelCard(BaseModel):
     id: str
     name: str
     version: int
+    owner: str = Field(DEFAULT_OWNER, description="Who the model belongs to (its job's owner); names and versions are per owner.")
     job_id: str | None = None
     created_at: datetime
     spec: TrainingSpec
@@ -413,6 +427,7 @@ class DatasetInfo(BaseModel):
 
     id: str
     builtin: bool
+    owner: str | None = Field(None, description="The owner of the key that uploaded it; null for built-in datasets (everyone's).")
     description: str = ""
     count: int | None = Field(None, description="Number of images (train + test); None when not yet known (online datasets).")
     shape: list[int] = Field(description="(H, W, C) of one image.")

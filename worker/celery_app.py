@@ -57,6 +57,7 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown, worker_ready, worker_shutting_down
 
+from core.migrations import migrate_store_names
 from core.queue import MAX_TASK_TIME_S, TASK_OVERHEAD_S, TRAIN_QUEUE, TRAIN_TASK_NAME
 from core.store import ModelStore
 from dae.spec import MAX_RUNTIME_S
@@ -188,6 +189,7 @@ def _start_reaper_and_clean_up(**_: Any) -> None:
     settings = get_settings()
     store = ModelStore(settings.store_dir)
     try:
+        migrate_store_names(store)
         removed = store.remove_stale_temporaries(older_than_s=STALE_STAGING_S)
         if removed:
             logger.warning("removed %d staging/trash directories left by interrupted publishes", removed)

@@ -39,6 +39,7 @@ from billiard.exceptions import WorkerLostError
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.worker.request import Request
+from typing_extensions import override
 
 from core.attempts import ATTEMPT_BUSY, ATTEMPT_CANCELLED, ATTEMPT_FAILED, ATTEMPT_SKIPPED, AttemptStore
 from core.checkpoints import CheckpointStore
@@ -101,6 +102,7 @@ class TrainRequest(Request):
     the death (AttemptStore.start_attempt), instead of waiting for the lease to expire.
     """
 
+    @override
     def on_failure(self, exc_info: Any, send_failed_event: bool = True, return_ok: bool = False) -> None:
         """Record a lost pool child before Celery's own handling (requeue)."""
         error = exc_info.exception
@@ -122,7 +124,7 @@ class TrainTask(Task):  # type: ignore[type-arg]  # Celery's Task is not subscri
     """Task base (Celery's task guide): holds this process's job store and records a hard time-limit kill, which
     happens after the child is gone (in the main process)."""
 
-    Request = "worker.tasks:TrainRequest"  # Celery resolves the path when it builds the request
+    Request = TrainRequest  # type: ignore[assignment]  # the stubs say str (a dotted path); Celery takes the class too
     _jobs: tuple[int, AttemptStore] | None = None
 
     @property
@@ -131,9 +133,11 @@ class TrainTask(Task):  # type: ignore[type-arg]  # Celery's Task is not subscri
         if self._jobs is None or self._jobs[0] != os.getpid():
             settings = get_settings()
             client = redis.Redis.from_url(str(settings.redis_url), socket_connect_timeout=2, socket_timeout=10)
-            self._jobs = (os.getpid(), AttemptStore(client, retention_s=settings.job_retention_days * 86400))
+            self._jobs = (os.getpid(), AttemptStore(client, retention_s=settings.job_retention_days * 86400,
+                                                    every_owner=True))  # workers serve every owner's jobs
         return self._jobs[1]
 
+    @override
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """Mark the job failed when the child was killed at the hard time limit (nothing else can)."""
         if not isinstance(exc, TimeLimitExceeded) or not args:
@@ -204,6 +208,7 @@ def _finish(call: Callable[[], _T], what: str) -> _T:
 def _run_attempt(record: JobRecord, *, jobs: AttemptStore, store: ModelStore, lease: JobLease, monitor: AttemptMonitor,
                  producer: Any) -> str:
     job_id, spec = record.id, record.spec
+    store = store.with_owner(record.owner)  # the job's model and dataset are its owner's
     checkpoints = CheckpointStore(store.root)
     published = _published_card(store, job_id)
     if published is not None:
@@ -226,7 +231,7 @@ def _run_attempt(record: JobRecord, *, jobs: AttemptStore, store: ModelStore, le
             checkpoint_dir=checkpoints.attempt_dir(job_id, lease.attempt),
             resume_dir=furthest_checkpoint(earlier),
         )
-        result = fit_autoencoder(spec, store=DatasetStore(store.root), hooks=hooks)
+        result = fit_autoencoder(spec, store=DatasetStore(store.root, record.owner), hooks=hooks)
         resumed_from = result.resumed_from_epoch
         if not monitor.flush(REDIS_WAIT_S) or monitor.lost.is_set():
             raise LeaseLost(f"job {job_id}: the epochs could not be written under this attempt's lease")

@@ -37,6 +37,7 @@ def make_card(store: ModelStore, name: str, *, minutes: int = 0, version: int | 
         input_shape=[None, None, 1],
         trained_shape=[8, 8, 1],
         parameters=123,
+        owner=store.owner,
     )
 
 
