@@ -46,7 +46,7 @@ def onnx_session(path: Path, threads: int = 1) -> Any:
 
 
 def onnx_predictor(path: Path, threads: int = 1, batch_size: int = 256) -> Callable[[np.ndarray], np.ndarray]:
-    """A `predict(images)` callable over an ONNX model file (usable with dae.metrics.evaluate_denoiser)."""
+    """A `predict(images)` callable over an ONNX model file (usable with dae.evaluation.evaluate_denoiser)."""
     session = onnx_session(path, threads)
     input_name = session.get_inputs()[0].name
 

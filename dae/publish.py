@@ -4,9 +4,9 @@ Everything is written into a private staging directory of the store first: model
 verified against Keras; ExportFailed publishes nothing), history.png, samples.png, and finally card.json via the
 store's publish_model (core.store.ModelStore), which renames the directory into models/<id> in one step. The evaluation table is computed
 with the verified ONNX file, i.e. with exactly the artifact the gateway serves; its model-independent rows (noisy,
-TV, NL-means) are computed meanwhile, in dae.reference's helper process when the worker started one.
+TV, NL-means) are computed meanwhile, in dae.evaluation's helper process when the worker started one.
 
-TensorFlow/Keras are imported lazily (through dae.export and dae.metrics' Keras helpers) when a result is published.
+TensorFlow/Keras are imported lazily (through dae.export and dae.evaluation's Keras helpers) when a result is published.
 """
 
 from __future__ import annotations

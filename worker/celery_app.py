@@ -35,11 +35,11 @@ Why these settings:
   forked as the previous job ends, so it preloads while the worker waits for the next job. The child signals
   that it is up only after the preload, hence `worker_proc_alive_timeout` (Celery's default, 4 s, would kill and
   replace a child still importing, forever). The task body still imports what it uses (a no-op when preloaded).
-- Each pool child also starts one evaluation helper process (dae.reference, `python -m dae.reference`, ~75 MB):
+- Each pool child also starts one evaluation helper process (dae.evaluation.helper, `python -m dae.evaluation.helper`, ~75 MB):
   the model-independent rows of the evaluation table (noisy, TV, NL-means) run there on the second core while the
   job exports its model, ~1.5 s off every job's overhead. It stops with the child (worker_process_shutdown, or EOF
   on its stdin if the child dies); without it the rows are computed inline.
-- No result backend: the job record in Redis (dae.jobs) is the task's state and result.
+- No result backend: the job record in Redis (core.jobs) is the task's state and result.
 """
 
 from __future__ import annotations
@@ -118,14 +118,14 @@ def preload_training_modules() -> None:
     (tf2onnx, onnxruntime), scikit-image's denoisers and matplotlib's Agg canvas (evaluation and plots); run one
     TensorFlow op so its runtime (devices, thread pools) is initialised too; and read the default dataset's local
     Fashion-MNIST files into dae.data's memo (55 MB of uint8; ~0.5 s per job otherwise), never downloading anything.
-    Also starts the evaluation helper process (dae.reference: the classical baselines run there while the job
+    Also starts the evaluation helper process (dae.evaluation.helper: the classical baselines run there while the job
     exports its model), first, so that its imports overlap these. Only ever call it in a pool child.
     """
     _start_evaluation_helper(wait=False)
     import matplotlib.backends.backend_agg  # noqa: F401, PLC0415 - plots (dae.publish)
     import matplotlib.figure  # noqa: F401, PLC0415
     import onnxruntime  # noqa: F401, PLC0415 - the export check and the evaluation (dae.export)
-    import skimage.restoration  # noqa: F401, PLC0415 - TV and NL-means baselines (dae.metrics)
+    import skimage.restoration  # noqa: F401, PLC0415 - TV and NL-means baselines (dae.evaluation.baselines)
     import tensorflow as tf  # noqa: PLC0415
     import tf2onnx  # noqa: F401, PLC0415 - Keras' ONNX export
 
@@ -142,7 +142,7 @@ def preload_training_modules() -> None:
 
 
 def _start_evaluation_helper(*, wait: bool) -> None:
-    """Start (or wait for) dae.reference's helper; without one, jobs compute the reference rows inline."""
+    """Start (or wait for) the evaluation helper (dae.evaluation.helper); without one, jobs compute the reference rows inline."""
     from dae.evaluation.helper import start_helper, stop_helper  # noqa: PLC0415
 
     try:

@@ -120,7 +120,7 @@ def test_job_runs_to_success_with_one_event_per_epoch(
     # A finished job's checkpoints are dropped right after its final state is recorded (never before).
     wait_until(lambda: not (CheckpointStore(store.root).directory / record.id).exists(), 10, "the checkpoints to go", worker)
     assert models_of_job(store, record.id) == [card.id]
-    # The pool child's evaluation helper computed the model-independent rows (dae.reference): it started, and the
+    # The pool child's evaluation helper computed the model-independent rows (dae.evaluation.helper): it started, and the
     # table is complete.
     log = worker.log_text()
     assert "evaluation helper process" in log and "could not start the evaluation helper" not in log, log[-3000:]
