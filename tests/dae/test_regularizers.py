@@ -34,6 +34,15 @@ def test_elastic_net_config_round_trips():
     assert (restored.l1, restored.l2) == (0.25, 0.5)
 
 
+def test_files_naming_the_former_elastic_net_class_load_it_as_keras_l1l2():
+    # What a .keras file saved before ElasticNet became keras.regularizers.L1L2 holds for a regularizer.
+    saved = {"module": "dae.regularizers", "class_name": "ElasticNet", "config": {"l1": 0.25, "l2": 0.5},
+             "registered_name": "dae>ElasticNet"}  # fmt: skip
+    restored = keras.regularizers.deserialize(saved)
+    assert type(restored) is keras.regularizers.L1L2
+    assert (restored.l1, restored.l2) == (0.25, 0.5)
+
+
 def test_build_regularizer_returns_none_when_nothing_applies():
     assert build_regularizer(PenaltySpec()) is None
     assert build_regularizer(PenaltySpec(l1=0.1), include_l1=False) is None
