@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -225,7 +225,8 @@ class AttemptStore(JobStore):
 
     def _expired_ids(self, index: str, cutoff: float) -> list[str]:
         """Ids in `index` created before `cutoff` whose record no longer exists."""
-        expired: list[bytes | str] = self.client.zrangebyscore(index, "-inf", cutoff)  # type: ignore[assignment]
+        # redis-py types replies as "Any or an awaitable": this client is synchronous.
+        expired = cast("list[bytes | str]", self.client.zrangebyscore(index, "-inf", cutoff))
         candidates = [decoded(job_id) for job_id in expired]
         if not candidates:
             return []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from typing import cast
 
 from core.jobs import JobStore, decoded
 from core.store import ModelStore
@@ -47,7 +48,8 @@ def migrate_job_indexes(jobs: JobStore, batch: int = 500) -> int:
     if jobs.client.exists(marker):
         return 0
     done, start = 0, 0
-    while ids := [decoded(job_id) for job_id in jobs.client.zrange(jobs.index_key(), start, start + batch - 1)]:
+    while page := cast("list[bytes | str]", jobs.client.zrange(jobs.index_key(), start, start + batch - 1)):
+        ids = [decoded(job_id) for job_id in page]
         pipe = jobs.client.pipeline(transaction=False)
         for job_id in ids:
             pipe.hget(jobs.job_key(job_id), "record")

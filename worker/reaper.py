@@ -30,7 +30,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from core.attempts import AttemptStore
 from core.checkpoints import CheckpointStore
@@ -161,7 +161,7 @@ class Reaper:
     def _delivery_times(self) -> dict[str, float]:
         """Job id → when a worker last took its message (still unacknowledged)."""
         client = self.jobs.client
-        tags: list[tuple[bytes, float]] = client.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True)  # type: ignore[assignment]
+        tags = cast("list[tuple[bytes, float]]", client.zrange(UNACKED_INDEX_KEY, 0, -1, withscores=True))
         if not tags:
             return {}
         entries = client.hmget(UNACKED_KEY, [tag for tag, _score in tags])
