@@ -29,7 +29,7 @@ from service.config import Settings, get_settings
 from service.deps import Resources
 from service.docs import install_docs
 from service.errors import add_exception_handlers
-from service.inference import InferenceEngine
+from service.inference.engine import InferenceEngine
 from service.metrics import GatewayMetrics
 from service.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, MetricsMiddleware
 from service.openapi import build_openapi

@@ -22,7 +22,7 @@ from core.datasets import DatasetStore
 from core.jobs import JobStore
 from core.store import ModelStore
 from service.config import Settings
-from service.inference import InferenceEngine
+from service.inference.engine import InferenceEngine
 
 API_KEY_HEADER = "X-API-Key"
 

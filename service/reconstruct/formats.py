@@ -10,9 +10,10 @@ import numpy as np
 import orjson
 
 from dae.evaluation.metrics import psnr_per_image, ssim_per_image
-from service.error_maps import ErrorMaps
-from service.images import encode_png_base64, float32_base64, heatmap_png_base64_from_rows, png_base64_from_rows
-from service.inference import Denoised
+from service.imaging.codec import base64_text, encode_png_base64, float32_base64, png_of_uint8, to_uint8
+from service.imaging.error_maps import ErrorMaps
+from service.imaging.heatmap import heatmap_pngs_base64
+from service.inference.engine import Denoised
 from service.reconstruct.schemas import AnswerOptions, ErrorFormat
 
 #: Most values one orjson call serializes on the heavy path: a thread holding the GIL for a whole 2048² error map
@@ -60,7 +61,6 @@ def build_results(
     output_format, heatmap = options.format, options.heatmap
     encode_error_map = _error_map_encoder(options.error_format, fragments)
     shape = list(pieces[0].outputs.shape[1:])
-    width = shape[1]
     results = []
     start = 0
     for denoised in pieces:
@@ -68,13 +68,16 @@ def build_results(
         error_maps = denoised.errors.maps
         stats = denoised.errors.stats()
         stop = start + len(outputs)
+        # Only what the request asked for is encoded, each for the whole piece at once where it can be.
+        pngs = [base64_text(png_of_uint8(pixels)) for pixels in to_uint8(outputs)] if output_format != "f32" else None
+        heatmaps = heatmap_pngs_base64(error_maps, denoised.errors.maxima) if heatmap else None
         clean_entries: list[dict[str, Any]] | None = None
         if cleans is not None:
             clean_entries = _clean_comparisons(inputs[start:stop], outputs, cleans[start:stop], encode_error_map)
         for index, output in enumerate(outputs):
             entry: dict[str, Any] = {"shape": shape}
-            if output_format != "f32":
-                entry["denoised_png"] = png_base64_from_rows(denoised.png_rows[index], width)
+            if pngs is not None:
+                entry["denoised_png"] = pngs[index]
             if output_format == "array":
                 entry["denoised"] = json_fragment(output) if fragments else output
             elif output_format == "f32":
@@ -82,8 +85,8 @@ def build_results(
             if noisy:
                 entry["noisy_png"] = encode_png_base64(inputs[start + index])
             entry.update(encode_error_map(error_maps[index]))
-            if heatmap:
-                entry["error_heatmap_png"] = heatmap_png_base64_from_rows(denoised.heatmap_rows[index], width)
+            if heatmaps is not None:
+                entry["error_heatmap_png"] = heatmaps[index]
             entry["error_stats"] = stats[index]
             if clean_entries is not None:
                 entry["clean"] = clean_entries[index]

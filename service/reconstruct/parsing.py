@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException
 
 from dae.errors import InvalidImage, PayloadTooLarge
 from service.config import Settings
-from service.images import PendingImage, open_base64_image, open_image_bytes, open_pixels, open_raw_array
+from service.imaging.codec import PendingImage, open_base64_image, open_image_bytes, open_pixels, open_raw_array
 from service.reconstruct.schemas import AddNoise, ImageSources, ParsedCall, ReconstructRequest
 
 T = TypeVar("T")

@@ -20,8 +20,9 @@ from starlette.responses import Response, StreamingResponse
 from dae.errors import InvalidImage
 from dae.noise import add_noise
 from service.config import Settings
-from service.images import PendingImage, png_from_rows, to_channels
-from service.inference import InferenceEngine, LoadedModel
+from service.imaging.codec import PendingImage, encode_png, to_channels
+from service.inference.engine import InferenceEngine
+from service.inference.sessions import LoadedModel
 from service.reconstruct.formats import ANSWER_BLOCK_VALUES, answer_blocks, build_results
 from service.reconstruct.parsing import INLINE_WORK_LIMIT, OpenedCall, in_thread, open_call
 from service.reconstruct.schemas import AddNoise, AnswerOptions, ParsedCall
@@ -147,7 +148,7 @@ async def reconstruct(
         first = outputs[0][0]
         error = float(first.errors.means[0])
         return Response(
-            png_from_rows(first.png_rows[0], first.outputs.shape[2]),
+            encode_png(first.outputs[0]),
             media_type="image/png",
             headers={"X-Mean-L1-Error": f"{error:.6g}", "X-Model-Id": model.model_id},
         )

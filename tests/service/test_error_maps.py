@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.error_maps import ErrorMaps, l1_error_maps, max_and_percentile_rows
+from service.imaging.error_maps import ErrorMaps, l1_error_maps, max_and_percentile_rows
 
 RNG = np.random.default_rng(3)
 

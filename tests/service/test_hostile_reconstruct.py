@@ -33,8 +33,8 @@ import service.reconstruct.pipeline as pipeline_module
 from core.store import ModelStore
 from dae.spec import TrainingSpec
 from service.config import Settings
-from service.images import float32_base64
-from service.inference import TRIM_DELAY_S
+from service.imaging.codec import float32_base64
+from service.inference.engine import TRIM_DELAY_S
 from service.main import create_app
 from testing.gateway import GatewayProcess
 from tests.service.tiny_models import TinyModel, png_base64, publish_tiny_model

@@ -10,8 +10,7 @@ import pytest
 from PIL import Image
 
 from dae.errors import InvalidImage, PayloadTooLarge
-from service.images import (
-    HEATMAP_LUT,
+from service.imaging.codec import (
     LUMA_WEIGHTS,
     decode_base64,
     decode_base64_image,
@@ -19,7 +18,6 @@ from service.images import (
     decode_raw_array,
     encode_png,
     float32_base64,
-    heatmap_png,
     open_base64_image,
     open_image_bytes,
     open_pixels,
@@ -27,6 +25,7 @@ from service.images import (
     pixels_to_array,
     to_channels,
 )
+from service.imaging.heatmap import HEATMAP_LUT, heatmap_png, heatmap_pngs_base64
 
 
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -193,57 +192,15 @@ def test_float32_base64_round_trips():
     np.testing.assert_array_equal(decoded, values)
 
 
-def test_batch_png_rows_give_the_same_files_as_single_image_encoding():
-    """The inference engine prepares PNG rows per micro-batch: byte-identical to encoding each image alone."""
-    from service.images import (
-        heatmap_png_base64_from_rows,
-        heatmap_png_from_rows,
-        heatmap_rows,
-        png_base64_from_rows,
-        png_from_rows,
-        png_rows,
-    )
-
-    gray, rgb = RNG.random((3, 6, 5, 1), dtype=np.float32), RNG.random((2, 4, 7, 3), dtype=np.float32)
-    for batch in (gray, rgb):
-        rows = png_rows(batch)
-        assert rows.shape == (len(batch), batch.shape[1], 1 + batch.shape[2] * batch.shape[3])
-        for index, image in enumerate(batch):
-            assert png_from_rows(rows[index], batch.shape[2]) == encode_png(image)
-            # The base64 reuses the cached prefix's text: the same as encoding the whole file.
-            assert png_base64_from_rows(rows[index], batch.shape[2]) == base64.b64encode(encode_png(image)).decode()
+def test_batch_heatmaps_are_the_files_of_each_map_alone():
+    """Heatmaps are encoded per piece (one scaling pass for its maps): the same files as each map alone."""
     maps = RNG.random((3, 6, 5), dtype=np.float32)
     maps[1] = 0.0  # an exact reconstruction: all black, no division by zero
     maxima = maps.reshape(3, -1).max(axis=1)
-    palette_rows = heatmap_rows(maps, maxima)
-    for index in range(3):
-        expected = heatmap_png(maps[index], vmax=float(maxima[index]))
-        assert heatmap_png_from_rows(palette_rows[index], 5) == expected
-        assert heatmap_png_base64_from_rows(palette_rows[index], 5) == base64.b64encode(expected).decode()
-    assert not palette_rows[1, :, 1:].any()
-
-
-@pytest.mark.parametrize("size", [0, 1, 812, 2380, 4096, 65535])
-def test_a_stored_idat_chunk_is_a_valid_chunk_and_byte_for_byte_zlib_level_0_when_small(size):
-    import zlib
-
-    from service.images import _png_chunk, _stored_idat
-
-    data = RNG.integers(0, 256, size, dtype=np.uint8).tobytes()
-    chunk = _stored_idat(memoryview(data))
-    assert zlib.decompress(chunk[8:-4]) == data
-    assert chunk[:4] == (len(chunk) - 12).to_bytes(4, "big")
-    assert chunk[-4:] == zlib.crc32(chunk[4:-4]).to_bytes(4, "big")
-    if size <= 4096:  # zlib itself splits larger inputs into several stored blocks
-        assert chunk == _png_chunk(b"IDAT", zlib.compress(data, 0))
-
-
-def test_a_stored_idat_chunk_takes_at_most_one_stored_block():
-    from service.images import PNG_STORE_BELOW_BYTES, _stored_idat
-
-    assert PNG_STORE_BELOW_BYTES <= 65535
-    with pytest.raises(ValueError, match="at most 65535 bytes"):
-        _stored_idat(memoryview(bytes(65536)))
+    for index, text in enumerate(heatmap_pngs_base64(maps, maxima)):
+        assert text == base64.b64encode(heatmap_png(maps[index], vmax=float(maxima[index]))).decode()
+    black = np.asarray(Image.open(io.BytesIO(base64.b64decode(heatmap_pngs_base64(maps, maxima)[1]))).convert("RGB"))
+    assert (black == HEATMAP_LUT[0]).all()
 
 
 # ---------------------------------------------------------------------------------------------

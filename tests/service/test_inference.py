@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
+from core.store import ModelStore
 from dae.errors import InvalidImage, ModelNotFound, Overloaded, PayloadTooLarge
-from dae.store import ModelStore
-from service.inference import InferenceEngine
+from service.inference.engine import InferenceEngine
 from tests.service.tiny_models import TinyModel, publish_tiny_model, run_onnx
 
 RNG = np.random.default_rng(1)
@@ -249,7 +249,7 @@ def test_small_batches_are_measured_on_the_loop_and_large_ones_in_the_worker_wit
 ):
     """Where a batch's outputs are clipped and measured depends on its size (LOOP_POSTPROCESS_MAX_VALUES); the
     results must not: outputs = onnxruntime's clipped to [0, 1], maps |input − output|, and on_batch sees the run."""
-    import service.inference as inference_module  # noqa: PLC0415
+    import service.inference.engine as inference_module  # noqa: PLC0415
 
     threads: list[str] = []
     postprocess = inference_module._postprocess
@@ -286,7 +286,7 @@ def test_small_batches_are_measured_on_the_loop_and_large_ones_in_the_worker_wit
 @pytest.mark.parametrize("kind, height, width", [("dense", 8, 8), ("conv", 12, 16), ("conv", 7, 9)])
 def test_micro_batch_pieces_give_exactly_what_one_whole_run_gives(store, tiny_models, kind, height, width):
     """The fast path (pieces) behaves like the ordinary one: a request cut into pieces of 3 images, or of 2
-    images' values, returns the same outputs, error maps, statistics and PNG rows as one run of all 10."""
+    images' values, returns the same outputs, error maps and statistics as one run of all 10."""
     card = publish_tiny_model(store, tiny_models[kind], f"{kind}-pieces")
     batch = images(10, height, width) * 1.4 - 0.2  # outside [0, 1] too: clipping happens per piece
     per_image = (height + (-height) % 4) * (width + (-width) % 4) if kind == "conv" else height * width
@@ -311,8 +311,7 @@ def test_micro_batch_pieces_give_exactly_what_one_whole_run_gives(store, tiny_mo
     assert results["2 images' values"][2] == [2] * 10
     for label in ("3 images", "2 images' values"):
         pieces, joined, _ = results[label]
-        for name in ("outputs", "png_rows", "heatmap_rows"):
-            np.testing.assert_array_equal(getattr(joined, name), getattr(whole, name), err_msg=f"{label} {name}")
+        np.testing.assert_array_equal(joined.outputs, whole.outputs, err_msg=f"{label} outputs")
         for name in ("maps", "means", "maxima", "p99s"):
             np.testing.assert_array_equal(getattr(joined.errors, name), getattr(whole.errors, name), err_msg=label)
         np.testing.assert_array_equal(np.concatenate([piece.outputs for piece in pieces]), whole.outputs)
@@ -404,7 +403,7 @@ def test_the_queue_bound_counts_padded_values_and_is_released_by_cancelled_calle
 
 
 def test_large_padding_and_cropping_happen_off_the_event_loop(store, conv_card, tiny_models, monkeypatch):
-    import service.inference as inference_module  # noqa: PLC0415
+    import service.inference.engine as inference_module  # noqa: PLC0415
 
     threads: list[str] = []
 
@@ -437,10 +436,11 @@ def test_large_padding_and_cropping_happen_off_the_event_loop(store, conv_card, 
 
 def test_sessions_run_without_the_memory_arena_and_the_defaults_agree_with_the_settings():
     """The arena would keep each session's largest run allocated (bench/README.md, 2026-12-02)."""
-    import service.inference as inference_module  # noqa: PLC0415
+    import service.inference.engine as inference_module  # noqa: PLC0415
     from service.config import Settings  # noqa: PLC0415
+    from service.inference.sessions import session_options  # noqa: PLC0415
 
-    assert inference_module.session_options(1).enable_cpu_mem_arena is False
+    assert session_options(1).enable_cpu_mem_arena is False
     defaults = {name: field.default for name, field in Settings.model_fields.items()}  # not the environment's
     assert defaults["inference_batch_max_values"] == inference_module.DEFAULT_BATCH_MAX_VALUES
     assert defaults["inference_queue_max_values"] == inference_module.DEFAULT_QUEUE_MAX_VALUES

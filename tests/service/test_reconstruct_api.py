@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.config import Settings
-from service.images import float32_base64
+from service.imaging.codec import float32_base64
 from service.main import create_app
 from service.reconstruct.schemas import EXAMPLE_PNG_8X8, ReconstructResponse
 from tests.service.tiny_models import png_base64, png_bytes, run_onnx

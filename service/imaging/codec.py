@@ -1,4 +1,6 @@
-"""Images in and out of the gateway: base64 PNG/JPEG, pixel arrays, raw float32 buffers, PNG and heatmaps.
+"""Decoding and encoding images through maintained libraries: Pillow's public API reads every header (sizes are
+known before any pixel is decoded) and decodes JPEG and the rarer PNG modes; imagecodecs (libpng) decodes the
+common 8-bit PNGs and encodes every PNG the gateway answers with (bench/README.md has the measurements).
 
 Every decoder returns float32 H×W×C in [0, 1] (C = 1 or 3) and raises InvalidImage (422) or PayloadTooLarge (413)
 with a message saying what was expected and what was received.
@@ -17,62 +19,33 @@ import binascii
 import functools
 import io
 import math
-import struct
 import warnings
-import zlib
 from collections.abc import Callable
 from typing import Any
 
+import imagecodecs
 import numpy as np
 import pybase64
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from dae.errors import InvalidImage, PayloadTooLarge
-from service.png_reader import PNG_SIGNATURE as _PNG_SIGNATURE
-from service.png_reader import read_png_header, read_simple_png
 
 #: ITU-R BT.601 luma weights, used to turn RGB into the single channel of a grayscale model.
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
-#: PNG zlib level for responses: 1 is several times faster than the default 6 and only slightly larger.
+#: zlib level of the PNGs the gateway writes: 1 is several times faster than the default 6 and only slightly larger.
 PNG_COMPRESS_LEVEL = 1
-#: Pixel data up to this many bytes is stored in the PNG without compression (_stored_idat): measured on 28x28
-#: denoised images and heatmaps, level 1 saved 1-11% of the bytes and cost ~35 µs per image, ten times the
-#: stored write (deflate's set-up dominates on small inputs; such pixels are too noisy to shrink much anyway).
-PNG_STORE_BELOW_BYTES = 4096
 
 _ACCEPTED_FORMATS = ("PNG", "JPEG")
-#: Pillow modes that decode to one channel (service.images drops alpha; 16- and 32-bit gray stay gray).
+#: Pillow modes that decode to one channel (alpha is dropped; 16- and 32-bit gray stay gray).
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"})
+#: 8-bit PNG modes imagecodecs decodes to exactly Pillow's pixels; the other modes go through Pillow.
+_LIBPNG_MODES = frozenset({"L", "LA", "RGB", "RGBA"})
 _DATA_URL_SEPARATOR = ";base64,"
 _PNG_END = b"IEND"
-
-# The "inferno" colormap sampled at 17 points (from matplotlib, which is not imported here); interpolated to a
-# 256-entry lookup table once at import. Perceptually uniform and readable in grayscale print.
-_INFERNO_POINTS = np.array(
-    [
-        [0, 0, 4], [11, 7, 36], [33, 12, 74], [61, 9, 101], [87, 16, 110], [113, 25, 110], [138, 34, 106],
-        [163, 44, 97], [188, 55, 84], [210, 70, 68], [228, 90, 49], [241, 115, 29], [249, 142, 9],
-        [252, 172, 17], [249, 203, 53], [242, 234, 105], [252, 255, 164],
-    ],
-    dtype=np.float64,
-)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _build_lut(points: np.ndarray) -> np.ndarray:
-    """A 256×3 uint8 colour lookup table linearly interpolated between evenly spaced control points."""
-    positions = np.linspace(0.0, 1.0, len(points))
-    levels = np.linspace(0.0, 1.0, 256)
-    channels = [np.interp(levels, positions, points[:, channel]) for channel in range(3)]
-    return np.rint(np.stack(channels, axis=1)).astype(np.uint8)
-
-
-HEATMAP_LUT = _build_lut(_INFERNO_POINTS)
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding
-# ---------------------------------------------------------------------------------------------
 
 
 def decode_base64(data: str, *, field: str) -> bytes:
@@ -92,6 +65,7 @@ def decode_base64(data: str, *, field: str) -> bytes:
             f"{field} is not valid base64. Expected standard base64 (optionally a data: URL). "
             f"Received: {len(data)} characters starting with {data[:16]!r}"
         ) from None
+
 
 
 class PendingImage:
@@ -121,21 +95,15 @@ class PendingImage:
 
 
 def open_image_bytes(content: bytes, *, max_side: int, field: str = "image") -> PendingImage:
-    """PNG or JPEG bytes with their header read (PNG: IHDR; otherwise Pillow's lazy open, which reads only the
-    header, e.g. a JPEG's SOF) and the side limit checked; PayloadTooLarge or InvalidImage before any pixel."""
+    """PNG or JPEG bytes with their header read (Pillow's lazy open, which reads only the header, e.g. a PNG's IHDR
+    or a JPEG's SOF) and the side limit checked; PayloadTooLarge or InvalidImage before any pixel is decoded."""
     if not content:
         raise InvalidImage(f"{field} is empty. Expected the bytes of a PNG or JPEG image. Received: 0 bytes")
-    header = read_png_header(content)
-    if header is not None:  # the common case: 33 bytes read, no Pillow object
-        height, width, channels = header
-        _check_side(height, width, max_side=max_side, field=field)
-        return PendingImage(1, height, width, channels, field,
-                            functools.partial(_decode_png, content, max_side=max_side, field=field))
     image = _open_with_pillow(content, max_side=max_side, field=field)
     width, height = image.size
     _check_side(height, width, max_side=max_side, field=field)
     channels = 1 if image.mode in _GRAY_MODES else 3
-    return PendingImage(1, height, width, channels, field, functools.partial(_load_pillow, image, content, field=field))
+    return PendingImage(1, height, width, channels, field, functools.partial(_decode, image, content, field=field))
 
 
 def decode_image_bytes(content: bytes, *, max_side: int, field: str = "image") -> np.ndarray:
@@ -143,23 +111,34 @@ def decode_image_bytes(content: bytes, *, max_side: int, field: str = "image") -
     return open_image_bytes(content, max_side=max_side, field=field).decode()
 
 
-def _decode_png(content: bytes, *, max_side: int, field: str) -> np.ndarray:
-    """A PNG whose IHDR was read: the fast reader for the common PNGs, else Pillow's full reader."""
-    pixels = read_simple_png(content, max_side=max_side)
-    if pixels is not None:  # the common PNGs, read without Pillow's Python-level file handling
-        return _uint8_to_float(pixels)
-    image = _open_with_pillow(content, max_side=max_side, field=field)
-    _check_side(image.size[1], image.size[0], max_side=max_side, field=field)
-    return _load_pillow(image, content, field=field)
+def _decode(image: Image.Image, content: bytes, *, field: str) -> np.ndarray:
+    """The pixels of an image opened by _open_with_pillow: libpng for the common 8-bit PNGs, else Pillow."""
+    if image.format == "PNG" and content.rfind(_PNG_END) == -1:
+        # Decoders accept a PNG cut after its pixel data without complaint; a file without IEND is truncated.
+        raise InvalidImage(
+            f"{field} could not be decoded (truncated PNG: no IEND chunk). Expected a complete image file. "
+            f"Received: {len(content)} bytes"
+        )
+    if image.format != "PNG" or image.mode not in _LIBPNG_MODES:
+        return _load_pillow(image, content, field=field)
+    try:
+        pixels = imagecodecs.png_decode(content)
+    except (imagecodecs.PngError, ValueError) as error:  # libpng's message may not even decode (ValueError)
+        raise InvalidImage(
+            f"{field} could not be decoded (truncated or corrupt PNG). Expected a complete image file. "
+            f"Received: {len(content)} bytes ({error})"
+        ) from None
+    if pixels.dtype != np.uint8:  # a header Pillow read one way and libpng another: Pillow decides
+        return _load_pillow(image, content, field=field)
+    return _uint8_to_float(pixels if pixels.ndim == 3 else pixels[:, :, None])
 
 
 def _open_with_pillow(content: bytes, *, max_side: int, field: str) -> Image.Image:
     """Pillow's lazy open (header only) of PNG or JPEG bytes; InvalidImage for anything else."""
     try:
         if content.startswith(_PNG_SIGNATURE):
-            # The PNG reader directly: Image.open's format probing and bomb warning cost ~20 µs on a 28x28 image;
-            # the side limit (checked before any pixel is decoded) is the real guard against bombs.
-            image = PngImagePlugin.PngImageFile(io.BytesIO(content))
+            # Pillow's PNG reader directly: Image.open's format probing costs more than the header itself.
+            image: Image.Image = PngImagePlugin.PngImageFile(io.BytesIO(content))
         else:
             with warnings.catch_warnings():
                 # Pillow warns (DecompressionBombWarning) before it errors; the side limit is the real check.
@@ -180,13 +159,7 @@ def _open_with_pillow(content: bytes, *, max_side: int, field: str) -> Image.Ima
 
 
 def _load_pillow(image: Image.Image, content: bytes, *, field: str) -> np.ndarray:
-    """The pixels of an image opened by _open_with_pillow (sides already checked)."""
-    if image.format == "PNG" and content.rfind(_PNG_END) == -1:
-        # Pillow decodes a PNG cut after its pixel data without complaint; a file without IEND is truncated.
-        raise InvalidImage(
-            f"{field} could not be decoded (truncated PNG: no IEND chunk). Expected a complete image file. "
-            f"Received: {len(content)} bytes"
-        )
+    """The pixels of an image opened by _open_with_pillow (sides already checked), decoded by Pillow."""
     try:
         image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
@@ -372,146 +345,31 @@ def to_channels(images: np.ndarray, channels: int, *, field: str = "image") -> n
     )
 
 
+
 # ---------------------------------------------------------------------------------------------
 # Encoding
 # ---------------------------------------------------------------------------------------------
 
 
-def _png_chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(tag)))
-
-
-_PNG_IEND = _png_chunk(b"IEND", b"")
-_PNG_COLOR_TYPES = {1: 0, 3: 2}  # channels -> PNG colour type (gray, RGB)
-_HEATMAP_PLTE = _png_chunk(b"PLTE", HEATMAP_LUT.tobytes())  # colour type 3 (palette) uses it
-
-
-@functools.lru_cache(maxsize=256)
-def _png_prefix(width: int, height: int, color_type: int) -> tuple[bytes, str | None]:
-    """Signature, IHDR and (palette images) PLTE of an 8-bit PNG, and their base64 when it can be reused.
-
-    The same few sizes repeat, so both are cached. The prefix is 33 bytes (813 with the 768-byte palette), a
-    multiple of 3, so base64(prefix + rest) == base64(prefix) + base64(rest): a response encodes only the rest.
-    """
-    prefix = _PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0))
-    if color_type == 3:
-        prefix += _HEATMAP_PLTE
-    return prefix, (base64_text(prefix) if len(prefix) % 3 == 0 else None)
-
-
-def _png_rest(rows: np.ndarray) -> bytes:
-    """IDAT and IEND of filtered rows (see png_rows): stored when small, else zlib level PNG_COMPRESS_LEVEL.
-
-    Written with zlib instead of Pillow because Pillow's encoder costs ~0.4 ms per small image in set-up alone,
-    several times the whole denoising of a 28x28 image; readers of the PNG cannot tell the difference.
-    """
-    data = memoryview(np.ascontiguousarray(rows)).cast("B")
-    if len(data) <= PNG_STORE_BELOW_BYTES:
-        return _stored_idat(data) + _PNG_IEND
-    return _png_chunk(b"IDAT", zlib.compress(data, PNG_COMPRESS_LEVEL)) + _PNG_IEND
-
-
-def _png_bytes(rows: np.ndarray, width: int, color_type: int) -> bytes:
-    """An 8-bit PNG of filtered rows (palette: the heatmap's, for colour type 3)."""
-    return _png_prefix(width, len(rows), color_type)[0] + _png_rest(rows)
-
-
-def _png_base64(rows: np.ndarray, width: int, color_type: int) -> str:
-    """base64 text of _png_bytes(rows, width, color_type), reusing the prefix's cached base64."""
-    prefix, prefix_text = _png_prefix(width, len(rows), color_type)
-    if prefix_text is None:
-        return base64_text(prefix + _png_rest(rows))
-    return prefix_text + base64_text(_png_rest(rows))
-
-
-_ZLIB_STORED_HEADER = b"\x78\x01"  # deflate, 32 KiB window, no preset dictionary, "fastest" (FCHECK valid)
-_STORED_BLOCK_MAX = 65535
-
-
-@functools.lru_cache(maxsize=256)
-def _stored_idat_head(length: int) -> tuple[bytes, int]:
-    """What precedes `length` bytes of pixels in a stored IDAT chunk (chunk length, tag, zlib header, the one
-    stored block's header), and the CRC-32 of its part that the chunk CRC covers. Constant per size, so cached."""
-    head = _ZLIB_STORED_HEADER + struct.pack("<BHH", 1, length, length ^ 0xFFFF)  # 1: the final block
-    return struct.pack(">I", len(head) + length + 4) + b"IDAT" + head, zlib.crc32(b"IDAT" + head)
-
-
-def _stored_idat(data: memoryview) -> bytes:
-    """The IDAT chunk of at most 65,535 bytes of pixel data in one stored (uncompressed) deflate block: byte for
-    byte _png_chunk(b"IDAT", zlib.compress(data, 0)), without deflateInit, which clears a 64 KiB hash table per
-    call, and with the two checksums as the only passes over the data besides the one copy into the chunk."""
-    if len(data) > _STORED_BLOCK_MAX:
-        raise ValueError(f"Expected at most {_STORED_BLOCK_MAX} bytes for one stored block. Received: {len(data)}")
-    head, head_crc = _stored_idat_head(len(data))
-    adler = zlib.adler32(data).to_bytes(4, "big")
-    crc = zlib.crc32(adler, zlib.crc32(data, head_crc)).to_bytes(4, "big")
-    return b"".join((head, data, adler, crc))
-
-
-def _filtered_rows(values: np.ndarray) -> np.ndarray:
-    """(N, H, 1 + R) uint8 from (N, H, R) float values already scaled to [0, 255.5): each row led by PNG filter
-    type 0 (None), the values truncated after the caller's +0.5, i.e. rounded."""
-    rows = np.empty((*values.shape[:2], 1 + values.shape[2]), np.uint8)
-    rows[:, :, 0] = 0
-    rows[:, :, 1:] = values
-    return rows
-
-
-def png_rows(images: np.ndarray) -> np.ndarray:
-    """PNG-ready rows of float images (N, H, W, C) in [0, 1]: (N, H, 1 + W·C) uint8, rounded to 8 bits.
-
-    One vectorized pass for a whole batch (the inference engine prepares them per micro-batch, off the event loop);
-    png_from_rows then only compresses and frames one image."""
-    count, height = images.shape[:2]
-    scaled = np.multiply(images.reshape(count, height, -1), np.float32(255), dtype=np.float32)
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] rounded to 8 bits (half up), any shape."""
+    scaled = np.multiply(images, np.float32(255), dtype=np.float32)
     scaled += 0.5
-    return _filtered_rows(scaled)
+    return scaled.astype(np.uint8)
 
 
-def heatmap_rows(error_maps: np.ndarray, maxima: np.ndarray) -> np.ndarray:
-    """PNG-ready palette indices of (N, H, W) error maps: 0 → 0, each map's maximum → 255 (see heatmap_png)."""
-    maxima = np.asarray(maxima, dtype=np.float64)
-    # The scale in float64, then float32: the same numbers as heatmap_png's Python-float scale.
-    scale = np.divide(255.0, maxima, out=np.zeros_like(maxima), where=maxima > 0).astype(np.float32)
-    indices = np.multiply(error_maps, scale[:, None, None], dtype=np.float32)
-    np.minimum(indices, 255, out=indices)  # error maps are >= 0: only the top needs clipping
-    indices += 0.5
-    return _filtered_rows(indices)
-
-
-def _color_type(rows: np.ndarray, width: int) -> int:
-    channels = (rows.shape[1] - 1) // width
-    if channels not in _PNG_COLOR_TYPES:
-        raise ValueError(f"Expected an image with 1 or 3 channels. Received: {channels} channels")
-    return _PNG_COLOR_TYPES[channels]
-
-
-def png_from_rows(rows: np.ndarray, width: int) -> bytes:
-    """The PNG of one image's rows from png_rows (gray or RGB, from the row length)."""
-    return _png_bytes(rows, width, _color_type(rows, width))
-
-
-def png_base64_from_rows(rows: np.ndarray, width: int) -> str:
-    """base64 text of png_from_rows(rows, width)."""
-    return _png_base64(rows, width, _color_type(rows, width))
-
-
-def heatmap_png_from_rows(rows: np.ndarray, width: int) -> bytes:
-    """The inferno palette PNG of one error map's rows from heatmap_rows."""
-    return _png_bytes(rows, width, 3)
-
-
-def heatmap_png_base64_from_rows(rows: np.ndarray, width: int) -> str:
-    """base64 text of heatmap_png_from_rows(rows, width)."""
-    return _png_base64(rows, width, 3)
+def png_of_uint8(pixels: np.ndarray) -> bytes:
+    """The PNG of uint8 pixels H×W, H×W×1 (gray) or H×W×3 (RGB)."""
+    if pixels.ndim == 3 and pixels.shape[2] == 1:
+        pixels = pixels[:, :, 0]
+    elif pixels.ndim != 2 and (pixels.ndim != 3 or pixels.shape[2] != 3):
+        raise ValueError(f"Expected an image with 1 or 3 channels. Received: shape={list(pixels.shape)}")
+    return bytes(imagecodecs.png_encode(np.ascontiguousarray(pixels), level=PNG_COMPRESS_LEVEL))
 
 
 def encode_png(image: np.ndarray) -> bytes:
     """PNG bytes of a float image in [0, 1], H×W, H×W×1 (gray) or H×W×3 (RGB), rounded to 8 bits."""
-    channels = 1 if image.ndim == 2 else image.shape[2]
-    if channels not in _PNG_COLOR_TYPES:
-        raise ValueError(f"Expected an image with 1 or 3 channels. Received: shape={list(image.shape)}")
-    return png_from_rows(png_rows(image.reshape(1, *image.shape[:2], channels))[0], image.shape[1])
+    return png_of_uint8(to_uint8(image))
 
 
 def base64_text(data: bytes) -> str:
@@ -528,9 +386,3 @@ def float32_base64(array: np.ndarray) -> str:
     """base64 of the array's little-endian float32 bytes, row-major (the compact response format)."""
     contiguous = np.ascontiguousarray(array, dtype="<f4")
     return pybase64.b64encode_as_string(memoryview(contiguous).cast("B"))
-
-
-def heatmap_png(error_map: np.ndarray, vmax: float | None = None) -> bytes:
-    """A palette PNG of an H×W error map in the inferno colormap; 0 is black, `vmax` (default: the map's max) white-yellow."""
-    top = float(np.maximum.reduce(error_map, axis=None)) if vmax is None else float(vmax)
-    return heatmap_png_from_rows(heatmap_rows(error_map[None], np.array([top]))[0], error_map.shape[1])
