@@ -29,6 +29,7 @@ from service.config import Settings, get_settings
 from service.deps import Resources
 from service.docs import install_docs
 from service.errors import add_exception_handlers
+from service.fast_lane import ReconstructLane
 from service.inference.engine import InferenceEngine
 from service.metrics import GatewayMetrics
 from service.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, MetricsMiddleware
@@ -183,6 +184,7 @@ def middleware(settings: Settings, metrics: GatewayMetrics) -> list[Middleware]:
         Middleware(MetricsMiddleware, metrics=metrics),
         Middleware(ApiKeyMiddleware, api_keys=[key.get_secret_value() for key in settings.api_keys]),
         Middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes),
+        Middleware(ReconstructLane),  # innermost: POST /reconstruct without routing (service.fast_lane)
     ]
 
 
