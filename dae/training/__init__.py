@@ -6,7 +6,6 @@ Importing this package also registers `DenoisingAutoencoder`, which loading a tr
 """
 
 from dae.training.batches import split_train_validation
-from dae.training.callbacks import CANCEL_POLL_INTERVAL_S
 from dae.training.checkpoints import (
     CHECKPOINT_STATE_FILE,
     RunState,
@@ -26,7 +25,6 @@ from dae.training.model import (
 )
 
 __all__ = [
-    "CANCEL_POLL_INTERVAL_S",
     "CHECKPOINT_STATE_FILE",
     "DenoisingAutoencoder",
     "RunState",
