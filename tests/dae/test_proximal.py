@@ -11,7 +11,7 @@ from dae.data import load_dataset
 from dae.models import build_autoencoder, layers_in_group
 from dae.proximal import ProximalL1Step, ProximalTarget, proximal_targets, soft_threshold
 from dae.spec import TrainingSpec
-from dae.training import build_training_model, compile_for_training, fit_autoencoder
+from dae.training import DenoisingAutoencoder, build_training_model, compile_for_training, fit_autoencoder
 
 DENSE = {"type": "dense", "hidden_units": [16], "latent_dim": 8}
 
@@ -130,3 +130,28 @@ def test_proximal_step_applies_threshold_eta_times_lambda(learning_rate):
     ProximalL1Step([ProximalTarget(variable, 0.2)])(learning_rate)
     expected = np.sign(values) * np.maximum(np.abs(values) - learning_rate * 0.2, 0)
     np.testing.assert_allclose(variable.numpy(), expected, atol=1e-7)
+
+
+def test_a_saved_model_reloads_in_safe_mode_and_trains_on_with_the_same_proximal_step(tmp_path):
+    spec = _spec(
+        {"encoder": {"kernel": {"l1": 0.05}}, "l1_method": "proximal"},
+        optimizer={"type": "sgd", "momentum": 0.0, "learning_rate": 0.5, "schedule": "constant"},
+    )
+    keras.utils.set_random_seed(0)
+    model = build_training_model(spec, (4, 4, 1))
+    compile_for_training(model, spec, total_steps=10)
+    rng = np.random.default_rng(1)
+    clean = rng.random((8, 4, 4, 1), dtype=np.float32)
+    noisy = np.clip(clean + rng.normal(0, 0.2, clean.shape), 0, 1).astype(np.float32)
+    model.train_on_batch(noisy, clean)
+    model.save(tmp_path / "model.keras")
+    model.train_on_batch(noisy, clean)
+
+    restored = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
+    assert type(restored) is DenoisingAutoencoder and restored.proximal_step is None  # the spec attaches it
+    restored.attach_proximal_step(ProximalL1Step.for_model(restored, spec.regularization))
+    restored.train_on_batch(noisy, clean)
+    assert int(restored.optimizer.iterations) == 2
+    for one, other in zip(restored.get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_allclose(one, other, atol=1e-6)
+    assert np.count_nonzero(restored.get_layer("code").kernel.numpy() == 0.0) >= 1
