@@ -118,9 +118,8 @@ _startup_objects_frozen = False
 def freeze_startup_objects() -> None:
     """Move everything created so far out of the garbage collector's reach, once per process.
 
-    Modules, the app, its routes and pydantic models (~100k objects) live as long as the process. Left in the
-    collector's generations, each full collection walks all of them (~50 ms on 2 cores) and stalls every request
-    in flight: measured with bench/serve.py, p99 at 32 concurrent /reconstruct calls went from ~125 ms to ~45 ms.
+    Modules, the app, its routes and models live as long as the process; left to the collector, every full
+    collection walks them all and stalls the requests in flight (p99 figures: bench/README.md, 2026-12-02).
     Once per process, so test sessions that start many apps pay the collection once.
     """
     global _startup_objects_frozen

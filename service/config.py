@@ -59,7 +59,7 @@ class Settings(SharedSettings):
         10.0, gt=0, description="Most disk all uploaded datasets may take together (compressed files), GiB."
     )
 
-    # Inference (service/inference.py).
+    # Inference (service/inference/).
     inference_cache_size: int = Field(16, ge=1, le=1024, description="Most onnxruntime sessions kept loaded.")
     inference_memory_budget_mib: float = Field(
         1024.0, gt=0, description="Estimated memory all loaded sessions may take; least recently used ones go first."

@@ -25,8 +25,8 @@ from dae.spec import ModelCard
 
 logger = logging.getLogger(__name__)
 
-#: Fixed per-session overhead in the memory estimate (graph, allocator, kernels), bytes. Measured with the arena
-#: off, after a 64-image run: 0.8-2.5 MiB per session for models of 15 KiB-1.9 MiB, under the estimate's 4-7.6 MiB.
+#: Fixed per-session overhead in the memory estimate (graph, allocator, kernels), bytes: above what was measured
+#: with the arena off (bench/README.md, 2026-12-02).
 SESSION_OVERHEAD_BYTES = 4 * 1024 * 1024
 #: onnxruntime keeps the initializers plus pre-packed copies of the weights: about twice the file.
 WEIGHTS_MEMORY_FACTOR = 2.0
@@ -39,7 +39,7 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    # The arena keeps every session's largest run for good (a 16x512² batch: +1.9 GiB held); measured no slower off.
+    # The arena keeps every session's largest run allocated for good; measured no slower off (bench/README.md).
     options.enable_cpu_mem_arena = False
     options.log_severity_level = 3
     return options

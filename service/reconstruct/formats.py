@@ -16,8 +16,7 @@ from service.imaging.heatmap import heatmap_pngs_base64
 from service.inference.engine import Denoised
 from service.reconstruct.schemas import AnswerOptions, ErrorFormat
 
-#: Most values one orjson call serializes on the heavy path: a thread holding the GIL for a whole 2048² error map
-#: (~1 s) would stall the event loop as surely as running on it; a block takes ~10 ms.
+#: Most values one orjson call serializes on the heavy path, so a thread never holds the GIL long enough to stall the loop.
 JSON_BLOCK_VALUES = 64 * 1024
 
 
@@ -41,7 +40,7 @@ def _error_map_encoder(error_format: ErrorFormat, fragments: bool = False) -> Ca
         return lambda error_map: {"error_map_f32": float32_base64(error_map)}
     if error_format == "png":
         return lambda error_map: {"error_map_png": encode_png_base64(error_map)}
-    return lambda error_map: {}
+    return lambda _error_map: {}
 
 
 def build_results(
@@ -126,10 +125,8 @@ def _ssim_or_none(clean: np.ndarray, estimate: np.ndarray) -> np.ndarray | None:
     return ssim_per_image(clean, estimate)
 
 
-#: An answer for more pixel values than this is streamed in blocks of entries worth about this many, each serialized
-#: on the event loop in one orjson call: a copy, its arrays being fragments already (a whole 58 MB answer in one
-#: call took 43 ms; serialized in a worker thread instead, each 2 MB cost ~1,100 more page faults: glibc's
-#: per-thread arenas). Smaller answers are one call (streaming cost the 256-image batch ~30% of its images/s).
+#: Answers over this many values stream in blocks of about this many (one orjson call each, on the loop), so no
+#: second copy of the whole answer is made; smaller ones are one call (figures: bench/README.md, 2026-12-02).
 ANSWER_BLOCK_VALUES = 1024 * 1024
 
 

@@ -107,6 +107,7 @@ def garbage_pixels(content: bytes) -> bytes:
 def test_malformed_pngs_are_invalid_images(content, why):
     with pytest.raises(InvalidImage, match="could not be decoded|not a readable image"):
         decode_image_bytes(content, max_side=64)
+        pytest.fail(f"decoded a PNG with {why}")
 
 
 PILLOW_CHANNELS_DECODED = {"L": 1, "LA": 1, "RGB": 3, "RGBA": 3, "P": 3, "I;16": 1, "1": 1}
