@@ -14,7 +14,7 @@ test: venv system
 	@scripts/test
 
 lint: venv
-	.venv/bin/ruff check dae service worker tests bench scripts
+	@scripts/lint
 
 openapi: venv
 	.venv/bin/python -m service.openapi > openapi.yaml

@@ -126,14 +126,14 @@ def main() -> int:
             if not np.array_equal(decoded, array):
                 print(f"  {name:40s} wrong pixels, skipped")
                 continue
-            print(f"  {name:40s} {timed(lambda decode=decode: decode(data), repeat):9.1f}")
+            print(f"  {name:40s} {timed(lambda decode=decode, data=data: decode(data), repeat):9.1f}")
         print(f"{label}: encode")
         for name, encode in encoders.items():
             encoded = bytes(encode(array))
             size = len(encoded)
             roundtrip = np.asarray(Image.open(io.BytesIO(encoded))).reshape(array.shape)
             status = "" if np.array_equal(roundtrip, array) else "  (pixels differ)"
-            print(f"  {name:40s} {timed(lambda encode=encode: encode(array), repeat):9.1f}  {size:8d} bytes{status}")
+            print(f"  {name:40s} {timed(lambda encode=encode, array=array: encode(array), repeat):9.1f}  {size:8d} bytes{status}")
     return 0
 
 

@@ -29,7 +29,7 @@ _state: dict[str, Any] = {}
 
 
 @asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
     """Load the model named by BENCH_KERAS_MODEL once (safe_mode stays on)."""
     _state["model"] = keras.saving.load_model(os.environ["BENCH_KERAS_MODEL"], compile=False, safe_mode=True)
     yield

@@ -10,7 +10,7 @@ from dae.data import BUILTIN_DATASETS, dataset_info, parse_uploaded_dataset
 from dae.data import list_datasets as list_dataset_infos
 from dae.errors import Conflict
 from dae.spec import DatasetInfo
-from service.deps import ApiKeyRequired, ModelStoreDep, SettingsDep
+from service.deps import ApiKeyRequired, DatasetStoreDep, SettingsDep
 from service.schemas import error_responses
 
 router = APIRouter(prefix="/datasets", tags=["datasets"], dependencies=[ApiKeyRequired])
@@ -43,7 +43,7 @@ def create_dataset(
     ],
     response: Response,
     settings: SettingsDep,
-    store: ModelStoreDep,
+    store: DatasetStoreDep,
 ) -> DatasetInfo:
     """Validate and store an uploaded dataset; answers 201 with its id, image count and shape."""
     # A plain def: FastAPI runs it in the threadpool, so reading, decoding and compressing stay off the event loop.
@@ -57,7 +57,7 @@ def create_dataset(
         max_bytes=int(settings.max_dataset_mb * 2**20),
     )
     del content  # up to DAE_MAX_UPLOAD_MB freed before the store compresses the pixels
-    info = store.save_dataset(
+    info = store.save(
         images, filename=file.filename, max_total_bytes=int(settings.max_store_datasets_gb * 2**30)
     )
     response.headers["Location"] = f"/datasets/{info.id}"
@@ -65,7 +65,7 @@ def create_dataset(
 
 
 @router.get("", response_model=list[DatasetInfo], summary="List datasets", responses=error_responses(401, 403))
-def list_datasets(store: ModelStoreDep) -> list[DatasetInfo]:
+def list_datasets(store: DatasetStoreDep) -> list[DatasetInfo]:
     """Built-in datasets first (with whether each is available offline), then uploads, newest first."""
     return list_dataset_infos(store)
 
@@ -73,7 +73,7 @@ def list_datasets(store: ModelStoreDep) -> list[DatasetInfo]:
 @router.get(
     "/{dataset_id}", response_model=DatasetInfo, summary="Read a dataset", responses=error_responses(401, 403, 404)
 )
-def read_dataset(dataset_id: DatasetId, store: ModelStoreDep) -> DatasetInfo:
+def read_dataset(dataset_id: DatasetId, store: DatasetStoreDep) -> DatasetInfo:
     """Shape, image count, availability and (once known) the pixel fingerprint of one dataset."""
     return dataset_info(dataset_id, store)
 
@@ -85,12 +85,12 @@ def read_dataset(dataset_id: DatasetId, store: ModelStoreDep) -> DatasetInfo:
     summary="Delete an uploaded dataset",
     responses=error_responses(401, 403, 404, 409),
 )
-def delete_dataset(dataset_id: DatasetId, store: ModelStoreDep) -> Response:
+def delete_dataset(dataset_id: DatasetId, store: DatasetStoreDep) -> Response:
     """Delete an uploaded dataset (models trained on it keep working); built-in datasets cannot be deleted (409)."""
     if dataset_id in BUILTIN_DATASETS:
         raise Conflict(
             f"Built-in datasets cannot be deleted. Expected the id of an uploaded dataset ('ds_…'). "
             f"Received: dataset_id={dataset_id!r}"
         )
-    store.delete_dataset(dataset_id)
+    store.delete(dataset_id)
     return Response(status_code=204)
