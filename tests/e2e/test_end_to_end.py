@@ -83,8 +83,7 @@ def _png_base64(pixels: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-@pytest.mark.usefixtures("trained")
-def test_model_card_describes_the_trained_model(stack: Stack) -> None:
+def test_model_card_describes_the_trained_model(stack: Stack, trained: dict) -> None:
     card = stack.client.get(f"/models/{trained['model_id']}").json()
     assert card["name"] == "e2e-digits" and card["job_id"] == trained["id"]
     assert card["trained_shape"] == [8, 8, 1] and card["input_shape"] == [8, 8, 1]
@@ -97,8 +96,7 @@ def test_model_card_describes_the_trained_model(stack: Stack) -> None:
         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
 
 
-@pytest.mark.usefixtures("trained")
-def test_reconstruct_json_error_map_is_input_minus_denoised(stack: Stack) -> None:
+def test_reconstruct_json_error_map_is_input_minus_denoised(stack: Stack, trained: dict) -> None:
     pixels = _digit(0)
     response = stack.client.post(
         "/reconstruct", params={"format": "array"}, json={"model": "e2e-digits", "pixels": pixels.tolist()}
@@ -118,8 +116,7 @@ def test_reconstruct_json_error_map_is_input_minus_denoised(stack: Stack) -> Non
     assert base64.b64decode(result["denoised_png"]).startswith(b"\x89PNG")
 
 
-@pytest.mark.usefixtures("trained")
-def test_reconstruct_multipart_upload_matches_json(stack: Stack) -> None:
+def test_reconstruct_multipart_upload_matches_json(stack: Stack, trained: dict) -> None:
     pixels = np.round(_digit(5) * 255) / 255  # what survives the 8-bit PNG upload
     png = base64.b64decode(_png_base64(pixels))
     uploaded = stack.client.post(
@@ -136,8 +133,7 @@ def test_reconstruct_multipart_upload_matches_json(stack: Stack) -> None:
     np.testing.assert_allclose(upload_result["error_map"], expected, atol=1e-5)
 
 
-@pytest.mark.usefixtures("trained")
-def test_trained_model_denoises_better_than_the_noise(stack: Stack) -> None:
+def test_trained_model_denoises_better_than_the_noise(stack: Stack, trained: dict) -> None:
     """With a clean reference and server-side noise, the model's output is closer to clean than its input was."""
     clean = [_digit(index) for index in range(1500, 1516)]
     response = stack.client.post("/reconstruct", json={
@@ -152,8 +148,7 @@ def test_trained_model_denoises_better_than_the_noise(stack: Stack) -> None:
     assert gain > 1.0, f"mean PSNR gain over the noisy input was only {gain:.2f} dB"
 
 
-@pytest.mark.usefixtures("trained")
-def test_png_accept_header_returns_the_image(stack: Stack) -> None:
+def test_png_accept_header_returns_the_image(stack: Stack, trained: dict) -> None:
     response = stack.client.post(
         "/reconstruct", headers={"Accept": "image/png"}, json={"model": "e2e-digits", "image": _png_base64(_digit(3))}
     )
