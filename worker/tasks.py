@@ -228,6 +228,7 @@ def _run_attempt(record: JobRecord, *, jobs: AttemptStore, store: ModelStore, le
         hooks = TrainingHooks(
             on_epoch=monitor.report_epoch,
             should_cancel=monitor.should_stop,
+            cancel_poll_s=0.0,  # should_stop reads an Event the monitor sets: cheap enough for every batch
             checkpoint_dir=checkpoints.attempt_dir(job_id, lease.attempt),
             resume_dir=furthest_checkpoint(earlier),
         )

@@ -71,6 +71,8 @@ class TrainingHooks:
 
     on_epoch: Callable[[EpochMetrics], None] | None = None
     should_cancel: Callable[[], bool] | None = None
+    #: Seconds between two should_cancel calls inside an epoch; 0 polls after every batch (for a cheap check).
+    cancel_poll_s: float = run_callbacks.CANCEL_POLL_INTERVAL_S
     checkpoint_dir: Path | None = None
     resume_dir: Path | None = None
     callbacks: list[keras.callbacks.Callback] = field(default_factory=list)
@@ -231,7 +233,7 @@ def fit_autoencoder(
         callbacks.append(run_callbacks.RunCheckpoint(status, checkpoint_dir))
     callbacks.append(run_callbacks.ProgressReport(status, hooks.on_epoch))
     if hooks.should_cancel is not None:
-        callbacks.append(run_callbacks.CancelTraining(status, hooks.should_cancel, poll_interval_s))
+        callbacks.append(run_callbacks.CancelTraining(status, hooks.should_cancel, hooks.cancel_poll_s))
 
     if state.epoch >= final_epoch:
         # Nothing left to train (a finished checkpoint): settle the weights as the end of fit() would.

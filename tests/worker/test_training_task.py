@@ -131,8 +131,9 @@ def test_job_runs_to_success_with_one_event_per_epoch(
 def test_cancel_mid_training_stops_within_an_epoch(
     worker: CeleryWorker, jobs: AttemptStore, producer: Celery, store: ModelStore
 ) -> None:
-    # Batch 4 over ~360 images: ~90 steps per epoch, long enough to cancel in the middle of the run.
-    record = submit(jobs, producer, epochs=30, batch_size=4, max_train_images=400)
+    # Batch 1 over ~720 images: ~720 steps (~1.5 s) per epoch, several times the cancel poll (0.25 s), so the cancel
+    # lands in the middle of the run however fast the machine.
+    record = submit(jobs, producer, epochs=30, batch_size=1, max_train_images=800)
     wait_until(lambda: jobs.get(record.id).progress is not None, JOB_TIMEOUT_S, "epoch 1 to finish", worker)
     epoch_at_cancel = jobs.get(record.id).progress.epoch
     requested = jobs.request_cancel(record.id)
