@@ -21,6 +21,7 @@ from fastapi.security import APIKeyHeader
 from core.datasets import DatasetStore
 from core.jobs import JobStore
 from core.store import ModelStore
+from service.auth import OPEN_ACCESS, Principal
 from service.config import Settings
 from service.inference.engine import InferenceEngine
 
@@ -44,6 +45,21 @@ class Resources:
     producer: Celery
     inference: InferenceEngine
     store_writable: Callable[[], str]  # "ok" or why the model store is not writable (cached: it writes a file)
+
+
+#: Where the auth middleware leaves the caller (scope["state"], read back as request.state.principal).
+PRINCIPAL_STATE_KEY = "principal"
+
+
+def principal_of(request: Request) -> Principal:
+    """The caller the auth middleware identified; everyone is OPEN_ACCESS when no keys are configured."""
+    principal: Principal = getattr(request.state, PRINCIPAL_STATE_KEY, OPEN_ACCESS)
+    return principal
+
+
+async def get_principal(request: Request) -> Principal:
+    """The caller of this request (service.auth.Principal: owner and role)."""
+    return principal_of(request)
 
 
 async def get_resources(request: Request) -> Resources:
@@ -104,6 +120,7 @@ def job_store_unavailable_message(error: BaseException) -> str:
     )
 
 
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
 ResourcesDep = Annotated[Resources, Depends(get_resources)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
