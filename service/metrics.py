@@ -51,13 +51,15 @@ class _ScrapeTimeGauges(Collector):
                     family.add_metric([state], count)
                 yield family
         if self.inference_state is not None:
-            state = self.inference_state()
-            yield GaugeMetricFamily("dae_inference_sessions", "onnxruntime sessions loaded.", value=state["sessions"])
+            inference = self.inference_state()
             yield GaugeMetricFamily(
-                "dae_inference_session_bytes", "Estimated memory of the loaded sessions.", value=state["session_bytes"]
+                "dae_inference_sessions", "onnxruntime sessions loaded.", value=inference["sessions"]
             )
             yield GaugeMetricFamily(
-                "dae_inference_queued_images", "Images waiting or running in the micro-batcher.", value=state["queued"]
+                "dae_inference_session_bytes", "Estimated memory of the loaded sessions.", value=inference["session_bytes"]
+            )
+            yield GaugeMetricFamily(
+                "dae_inference_queued_images", "Images waiting or running in the micro-batcher.", value=inference["queued"]
             )
 
 

@@ -95,7 +95,7 @@ def _memory_note(client: redis.Redis, error: redis.ResponseError) -> str:
     )
 
 
-def check_store_writable(store_dir: os.PathLike) -> str:
+def check_store_writable(store_dir: str | os.PathLike[str]) -> str:
     """"ok" when a file can be created in the model store; "not writable: ..." otherwise."""
     try:
         os.makedirs(store_dir, exist_ok=True)
