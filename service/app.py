@@ -7,6 +7,7 @@ engine are opened in `lifespan` and reach routes through service.deps. The middl
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -23,8 +24,10 @@ from starlette.middleware import Middleware
 
 import dae
 from core.datasets import DatasetStore
-from core.jobs import JobStore
+from core.jobs import JobStore, is_redis_outage
+from core.migrations import migrate_job_indexes, migrate_store_names
 from core.store import ModelStore
+from dae.spec import DEFAULT_OWNER
 from service.config import Settings, get_settings
 from service.deps import Resources
 from service.docs import install_docs
@@ -32,7 +35,7 @@ from service.errors import add_exception_handlers
 from service.fast_lane import ReconstructLane
 from service.inference.engine import InferenceEngine
 from service.metrics import GatewayMetrics
-from service.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware, MetricsMiddleware
+from service.middleware import AuthMiddleware, BodySizeLimitMiddleware, MetricsMiddleware
 from service.openapi import build_openapi
 from service.routes import ROUTERS
 from service.routes.health import STORE_CHECK_TTL_S, CachedCheck, check_store_writable
@@ -52,7 +55,8 @@ Trains and serves **denoising autoencoders**.
 2. The finished job names its model; `GET /models/{ref}` shows its card (evaluation against classical denoisers).
 3. `POST /reconstruct` denoises images (JSON or a file upload) and returns the error map |input − denoised|.
 
-When the service runs with `DAE_API_KEYS`, press **Authorize** and enter a key (sent as `X-API-Key`).
+When the service runs with `DAE_API_KEYS`, press **Authorize** and enter a key (sent as `X-API-Key`): each key
+has an owner and a role (`infer` < `train` < `admin`), and sees only its owner's jobs, models and datasets.
 """
 
 TAGS = [
@@ -73,6 +77,8 @@ REDIS_SOCKET_TIMEOUT_S = EVENTS_BLOCK_MS / 1000 + 1.0
 REDIS_RETRIES = 1
 #: The producer only pushes messages (it never blocks on a read), so its reads may time out sooner.
 BROKER_SOCKET_TIMEOUT_S = 1.0
+#: Pause between tries of the job-index migration while Redis is unreachable at start.
+JOB_MIGRATION_RETRY_S = 5.0
 
 
 def operation_id(route: APIRoute) -> str:
@@ -165,11 +171,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         "session_bytes": inference.cache.total_bytes,
         "queued": inference.queued_images,
     }
+    migrate_store_names(store)
+    migration = asyncio.create_task(migrate_jobs_when_redis_answers(jobs))
     freeze_startup_objects()
+    if settings.auth_enabled:
+        logger.info("API keys on: %d owner(s) have keys", len(settings.key_ring().owners))
+    else:
+        logger.warning("no API keys configured (DAE_API_KEYS): the service is OPEN; every caller is the %r owner's "
+                       "admin", DEFAULT_OWNER)
     logger.info("gateway ready (store %s, redis %s)", store.root, settings.redis_url)
     try:
         yield
     finally:
+        migration.cancel()
         metrics.scrape_time.job_counts = None
         metrics.scrape_time.inference_state = None
         inference.close()
@@ -177,11 +191,28 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis_client.close()
 
 
+async def migrate_jobs_when_redis_answers(jobs: JobStore, retry_s: float = JOB_MIGRATION_RETRY_S) -> None:
+    """Index jobs recorded before owners existed (core.migrations), retrying while Redis is unreachable."""
+    while True:
+        try:
+            indexed = await anyio.to_thread.run_sync(migrate_job_indexes, jobs)
+        except Exception as error:
+            if not is_redis_outage(error):
+                logger.exception("could not index the jobs recorded before owners existed")
+                return
+            await asyncio.sleep(retry_s)
+            continue
+        if indexed:
+            logger.warning("indexed %d job(s) recorded before owners existed under their owners", indexed)
+        return
+
+
 def middleware(settings: Settings, metrics: GatewayMetrics) -> list[Middleware]:
     """The gateway's middleware, outermost first: metrics sees every answer, auth runs before any body is read."""
     return [
         Middleware(MetricsMiddleware, metrics=metrics),
-        Middleware(ApiKeyMiddleware, api_keys=[key.get_secret_value() for key in settings.api_keys]),
+        Middleware(AuthMiddleware, keys=settings.key_ring(), protect_metrics=settings.metrics_require_key,
+                   protect_docs=settings.docs_require_key),
         Middleware(BodySizeLimitMiddleware, max_bytes=settings.max_upload_bytes),
         Middleware(ReconstructLane),  # innermost: POST /reconstruct without routing (service.fast_lane)
     ]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
+from dae.errors import DaeError
 from dae.spec import DEFAULT_OWNER, OWNER_PATTERN
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,25 @@ class Principal:
     def sees_every_owner(self) -> bool:
         """Admins read, list and change every owner's resources."""
         return self.role >= Role.admin
+
+    def acting_as(self, owner: str | None) -> tuple[str, bool]:
+        """(owner, every_owner) of the store views this caller uses when it names `owner` (None: its own).
+
+        An admin naming no owner sees every owner's resources (and creates its own); naming one, only that owner's.
+        Anyone else may name only its own owner (Forbidden otherwise).
+        """
+        if owner is None:
+            return self.owner, self.sees_every_owner
+        if owner != self.owner and not self.sees_every_owner:
+            raise Forbidden(
+                f"Only an admin key may name another owner. Expected owner={self.owner!r} (your key's) or no owner "
+                f"parameter. Received: owner={owner!r} with a {self.role.name} key of owner {self.owner!r}"
+            )
+        return owner, False
+
+
+class Forbidden(DaeError):
+    """A known key whose role does not allow what it asked for (403)."""
 
 
 #: Everyone, when no keys are configured: the default owner, allowed everything (the service as it was).
@@ -138,6 +158,13 @@ PERMISSIONS: tuple[tuple[frozenset[str], re.Pattern[str], Role], ...] = (
     (frozenset({"GET", "HEAD", "POST", "DELETE"}), re.compile(r"/datasets(/.*)?"), Role.train),
     (frozenset({"GET", "HEAD"}), re.compile(r"/metrics"), Role.admin),
 )
+
+
+#: Paths whose documentation pages are open unless DAE_DOCS_REQUIRE_KEY is set.
+DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+#: Paths that are always open: the probes (they reveal no internals).
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+METRICS_PATH = "/metrics"
 
 
 def required_role(method: str, path: str) -> Role:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator
@@ -15,6 +16,7 @@ from pydantic_settings import NoDecode
 
 from core.settings import SharedSettings
 from dae.cost import DEFAULT_MAX_MODEL_PARAMS, DEFAULT_MAX_TRAINING_MEMORY_MIB
+from service.auth import KeyRing
 
 
 def _default_intra_op_threads() -> int:
@@ -28,7 +30,17 @@ class Settings(SharedSettings):
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
-        description="Accepted X-API-Key values, comma-separated in the environment; empty turns auth off.",
+        description="API keys as owner:role:secret (role infer, train or admin), comma-separated in the "
+        "environment; a bare secret is the default owner's admin key. Empty (and no DAE_API_KEYS_FILE): auth is off.",
+    )
+    api_keys_file: Path | None = Field(
+        None, description="A file of more keys, one owner:role:secret per line (# comments and blank lines skipped)."
+    )
+    metrics_require_key: bool = Field(
+        False, description="Serve /metrics only to admin keys (default: open, as Prometheus usually scrapes it)."
+    )
+    docs_require_key: bool = Field(
+        False, description="Serve /docs, /redoc and /openapi.json only with a valid key (default: open)."
     )
 
     # Request limits.
@@ -126,7 +138,11 @@ class Settings(SharedSettings):
     @property
     def auth_enabled(self) -> bool:
         """True when at least one API key is configured."""
-        return bool(self.api_keys)
+        return bool(self.api_keys) or (self.api_keys_file is not None and self.key_ring().enabled)
+
+    def key_ring(self) -> KeyRing:
+        """The configured keys (ValueError naming a bad entry by position, never its secret)."""
+        return KeyRing.from_settings([key.get_secret_value() for key in self.api_keys], self.api_keys_file)
 
 
 @lru_cache(maxsize=1)

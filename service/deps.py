@@ -15,12 +15,13 @@ from typing import Annotated
 
 import redis
 from celery import Celery
-from fastapi import Depends, Request, Security
+from fastapi import Depends, Query, Request, Security
 from fastapi.security import APIKeyHeader
 
 from core.datasets import DatasetStore
 from core.jobs import JobStore
 from core.store import ModelStore
+from dae.spec import OWNER_PATTERN
 from service.auth import OPEN_ACCESS, Principal
 from service.config import Settings
 from service.inference.engine import InferenceEngine
@@ -62,44 +63,69 @@ async def get_principal(request: Request) -> Principal:
     return principal_of(request)
 
 
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
 async def get_resources(request: Request) -> Resources:
     """The resources of the app serving this request."""
-    return request.app.state.resources
+    value: Resources = request.app.state.resources
+    return value
 
 
 async def get_app_settings(request: Request) -> Settings:
     """The settings the app was created with (available before the lifespan ran, unlike the resources)."""
-    return request.app.state.settings
+    value: Settings = request.app.state.settings
+    return value
 
 
 async def get_redis(request: Request) -> redis.Redis:
     """The Redis client of the app."""
-    return request.app.state.resources.redis
+    value: redis.Redis = request.app.state.resources.redis
+    return value
 
 
-async def get_job_store(request: Request) -> JobStore:
-    """Job records and events in Redis."""
-    return request.app.state.resources.jobs
+#: `?owner=`: an admin acts on that owner's resources; anyone else may only name its own (service.auth).
+OwnerQuery = Annotated[
+    str | None,
+    Query(
+        pattern=OWNER_PATTERN, max_length=64,
+        description="Admin keys only: act on this owner's resources (without it an admin sees every owner's and "
+        "creates its own). Other keys may only name their own owner.",
+    ),
+]
 
 
-async def get_model_store(request: Request) -> ModelStore:
-    """The model store (published models)."""
-    return request.app.state.resources.store
+async def get_job_store(request: Request, principal: PrincipalDep, owner: OwnerQuery = None) -> JobStore:
+    """Job records and events in Redis, as the caller's owner sees them."""
+    name, every_owner = principal.acting_as(owner)
+    jobs: JobStore = request.app.state.resources.jobs
+    return jobs.with_owner(name, every_owner=every_owner)
 
 
-async def get_dataset_store(request: Request) -> DatasetStore:
-    """Uploaded datasets (and the cache of fetched built-ins) in the store."""
-    return request.app.state.resources.datasets
+async def get_model_store(request: Request, principal: PrincipalDep, owner: OwnerQuery = None) -> ModelStore:
+    """The model store (published models), as the caller's owner sees it."""
+    name, every_owner = principal.acting_as(owner)
+    store: ModelStore = request.app.state.resources.store
+    return store.with_owner(name, every_owner=every_owner)
+
+
+async def get_dataset_store(request: Request, principal: PrincipalDep, owner: OwnerQuery = None) -> DatasetStore:
+    """Uploaded datasets (and the cache of fetched built-ins) in the store, as the caller's owner sees them."""
+    name, every_owner = principal.acting_as(owner)
+    datasets: DatasetStore = request.app.state.resources.datasets
+    return datasets.with_owner(name, every_owner=every_owner)
 
 
 async def get_producer(request: Request) -> Celery:
     """The Celery app used only to send tasks by name."""
-    return request.app.state.resources.producer
+    value: Celery = request.app.state.resources.producer
+    return value
 
 
 async def get_inference(request: Request) -> InferenceEngine:
     """The onnxruntime session cache and micro-batcher."""
-    return request.app.state.resources.inference
+    value: InferenceEngine = request.app.state.resources.inference
+    return value
 
 
 def redis_reply(error: BaseException, limit: int = 300) -> str:
@@ -120,7 +146,6 @@ def job_store_unavailable_message(error: BaseException) -> str:
     )
 
 
-PrincipalDep = Annotated[Principal, Depends(get_principal)]
 ResourcesDep = Annotated[Resources, Depends(get_resources)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
@@ -131,13 +156,14 @@ ProducerDep = Annotated[Celery, Depends(get_producer)]
 InferenceDep = Annotated[InferenceEngine, Depends(get_inference)]
 
 # The API-key scheme as OpenAPI sees it (Swagger UI's "Authorize" button sends it with every call).
-# The check itself is done by service.middleware.ApiKeyMiddleware, before the body is read, so an
+# The check itself is done by service.middleware.AuthMiddleware, before the body is read, so an
 # unauthenticated client cannot make the gateway parse a large upload; this dependency only documents it.
 api_key_scheme = APIKeyHeader(
     name=API_KEY_HEADER,
     scheme_name="ApiKey",
     auto_error=False,
-    description="Required when the gateway runs with DAE_API_KEYS set; health, metrics and docs are open.",
+    description="An API key (owner:role:secret configured in DAE_API_KEYS; send the secret). Required when the "
+    "gateway runs with keys; the probes are always open, metrics and docs unless configured otherwise.",
 )
 
 

@@ -28,6 +28,7 @@ from dae.errors import (
     PayloadTooLarge,
     TrainingFailed,
 )
+from service.auth import Forbidden
 from service.deps import job_store_unavailable_message, redis_reply
 from service.responses import OrjsonResponse
 
@@ -46,6 +47,7 @@ STATUS_BY_ERROR: dict[type[DaeError], int] = {
     InvalidDataset: 422,
     DatasetUnavailable: 422,
     PayloadTooLarge: 413,
+    Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
     TrainingFailed: 500,

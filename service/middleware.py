@@ -7,20 +7,16 @@ Order, outermost first: metrics (so 401/413 answers are counted too) → auth (b
 
 from __future__ import annotations
 
-import hmac
 import time
 
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.auth import DOCS_PATHS, METRICS_PATH, PROBE_PATHS, KeyRing, required_role
+from service.deps import PRINCIPAL_STATE_KEY
 from service.docs import DOCS_ASSETS_PATH
 from service.metrics import OTHER, GatewayMetrics
-
-#: Paths that never need an API key: probes, metrics and the documentation.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-#: Path prefixes that never need one: the documentation pages' JavaScript, CSS and icon (service.docs).
-OPEN_PATH_PREFIXES = (DOCS_ASSETS_PATH + "/",)
 
 
 def raw_header(scope: Scope, name: bytes) -> str | None:
@@ -28,11 +24,12 @@ def raw_header(scope: Scope, name: bytes) -> str | None:
     Starlette's Headers mapping and looking the name up costs, on every request."""
     for key, value in scope["headers"]:
         if key == name:
-            return value.decode("latin-1")
+            decoded: str = value.decode("latin-1")
+            return decoded
     return None
 
 
-async def send_json(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_json(send: Send, status: int, body: dict[str, object], headers: list[tuple[bytes, bytes]] | None = None) -> None:
     """Answer with a JSON body directly from middleware."""
     payload = orjson.dumps(body)
     await send(
@@ -77,37 +74,59 @@ class MetricsMiddleware:
             self.metrics.observe_request(scope["method"], template, status, time.perf_counter() - started)
 
 
-class ApiKeyMiddleware:
-    """401 without an X-API-Key header, 403 with a wrong one; open paths pass. Off when no keys are configured."""
+class AuthMiddleware:
+    """Who calls and whether their key's role allows the route, before any body is read (service.auth).
 
-    def __init__(self, app: ASGIApp, api_keys: list[str]) -> None:
+    401 without a key or with one that is not configured, 403 when the key's role is below the route's; the
+    caller's Principal is left in scope["state"] for the routes (service.deps.principal_of). The probes are always
+    open, /metrics and the docs unless configured otherwise. Off when no keys are configured: everyone is
+    OPEN_ACCESS. Secrets are never echoed or logged.
+    """
+
+    def __init__(self, app: ASGIApp, keys: KeyRing, *, protect_metrics: bool = False, protect_docs: bool = False) -> None:
         self.app = app
-        self.api_keys = [key.encode() for key in api_keys]
+        self.keys = keys
+        open_paths = set(PROBE_PATHS)
+        if not protect_metrics:
+            open_paths.add(METRICS_PATH)
+        self.open_prefixes: tuple[str, ...] = ()
+        if not protect_docs:
+            open_paths |= DOCS_PATHS
+            self.open_prefixes = (DOCS_ASSETS_PATH + "/",)
+        self.open_paths = frozenset(open_paths)
+
+    def _is_open(self, path: str) -> bool:
+        return path in self.open_paths or path.startswith(self.open_prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys.enabled:
+            await self.app(scope, receive, send)
+            return
         path = scope.get("path", "")
-        if scope["type"] != "http" or not self.api_keys or path in OPEN_PATHS or path.startswith(OPEN_PATH_PREFIXES):
+        root_path = scope.get("root_path", "")
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path):]  # the route's own path, as routing will match it
+        if self._is_open(path):
             await self.app(scope, receive, send)
             return
         presented = raw_header(scope, b"x-api-key")
         if not presented:
-            await send_json(
-                send,
-                401,
-                {"detail": "This endpoint needs an API key. Expected an X-API-Key header. Received: none"},
-                [(b"www-authenticate", b"APIKey")],
-            )
+            await send_json(send, 401, {"detail": "This endpoint needs an API key. Expected an X-API-Key header. "
+                                                  "Received: none"}, [(b"www-authenticate", b"APIKey")])
             return
-        presented_bytes = presented.encode()
-        # Compare against every key in constant time, so timing reveals neither which key nor how much matched.
-        matched = False
-        for key in self.api_keys:
-            matched |= hmac.compare_digest(presented_bytes, key)
-        if not matched:
-            await send_json(
-                send, 403, {"detail": "The API key is not valid. Expected one of the configured keys. Received: another"}
-            )
+        principal = self.keys.principal(presented)
+        if principal is None:
+            await send_json(send, 401, {"detail": "The API key is not valid. Expected one of the configured keys "
+                                                  "(DAE_API_KEYS). Received: a key that is not configured"},
+                            [(b"www-authenticate", b"APIKey")])
             return
+        needed = required_role(scope["method"], path)
+        if principal.role < needed:
+            await send_json(send, 403, {"detail": (
+                f"This key may not call {scope['method']} {path}. Expected a key with role {needed.name} or above. "
+                f"Received: a {principal.role.name} key of owner {principal.owner!r}")})
+            return
+        scope.setdefault("state", {})[PRINCIPAL_STATE_KEY] = principal
         await self.app(scope, receive, send)
 
 

@@ -6,7 +6,7 @@ route (service/routes/reconstruct.py).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -63,14 +63,18 @@ class Readiness(BaseModel):
     checks: dict[str, str] = Field(
         description="Per dependency: `ok` or the reason it failed.", examples=[{"redis": "ok", "store": "ok"}]
     )
+    auth: Literal["api_keys", "open"] = Field(
+        description="`api_keys`: every resource route needs a key; `open`: no keys are configured, anyone may call "
+        "everything as the `default` owner.", examples=["api_keys"],
+    )
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries documenting the JSON error body for these status codes."""
     descriptions = {
         400: "Bad request",
-        401: "Missing API key",
-        403: "Wrong API key",
+        401: "Missing or unknown API key",
+        403: "The key's role does not allow this route, or it names another owner (admins only)",
         404: "Not found",
         406: "Only one image can be returned as image/png",
         409: "Conflict with the current state",

@@ -61,10 +61,12 @@ async def read_liveness() -> Liveness:
     responses={503: {"model": Readiness, "description": "Redis unreachable or refusing writes, or the store not writable"}},
 )
 def read_readiness(resources: ResourcesDep) -> Response:
-    """200 when Redis answers and accepts writes and the model store is writable; 503 with the failing check otherwise."""
+    """200 when Redis answers and accepts writes and the model store is writable; 503 with the failing check otherwise.
+    `auth` says whether API keys are required (`open`: none configured)."""
     checks = {"redis": check_redis(resources.jobs), "store": resources.store_writable()}
     ready = all(result == "ok" for result in checks.values())
-    body = Readiness(status="ready" if ready else "unavailable", checks=checks)
+    auth = "api_keys" if resources.settings.auth_enabled else "open"
+    body = Readiness(status="ready" if ready else "unavailable", checks=checks, auth=auth)
     return OrjsonResponse(body.model_dump(), status_code=200 if ready else 503)
 
 

@@ -100,7 +100,8 @@ def check_submittable(spec: TrainingSpec, settings: Settings, store: DatasetStor
             f"available dataset (see GET /datasets). Received: dataset={spec.dataset!r}"
         )
     # Too deep for the images, or what no worker could hold: refused here, before it is queued and kills pool children.
-    check_job_cost(spec, tuple(info.shape), max_params=settings.max_model_params,
+    height, width, channels = info.shape
+    check_job_cost(spec, (height, width, channels), max_params=settings.max_model_params,
                    max_training_memory_mib=settings.max_training_memory_mib, train_images=info.count)
 
 
@@ -271,7 +272,7 @@ async def stream_job_events(
 
 async def next_events(
     jobs: JobStore, job_id: str, cursor: str | None, limiter: anyio.CapacityLimiter
-) -> tuple[list[tuple[str, dict]], JobRecord | None]:
+) -> tuple[list[tuple[str, dict[str, Any]]], JobRecord | None]:
     """The events after `cursor` (waiting up to EVENTS_BLOCK_MS), or none and the record once the job has finished."""
     events = await anyio.to_thread.run_sync(jobs.read_events, job_id, cursor, 0, limiter=limiter)
     if events:
@@ -286,4 +287,4 @@ async def next_events(
 def outage_pause_s(failures: int) -> float:
     """How long an event stream waits before its next read after `failures` failed ones (doubling, capped)."""
     first, most = EVENTS_OUTAGE_BACKOFF_S
-    return min(most, first * 2 ** min(failures, 16))
+    return float(min(most, first * 2 ** min(failures, 16)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Response
 from fastapi.responses import FileResponse
@@ -21,7 +21,7 @@ ModelRef = Annotated[
         examples=["digits-demo"],
     ),
 ]
-_PNG_RESPONSE = {
+_PNG_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}, "description": "A PNG image"}
 }
 

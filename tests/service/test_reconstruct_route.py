@@ -91,7 +91,7 @@ def requests_to_compare(model: str) -> list[tuple[str, dict]]:
         ("415", {"content": b"x", "headers": {**headers, "Content-Type": "text/plain"}}),
         ("413", {"content": b"x" * 2_000_000, "headers": {**headers, "Content-Type": "application/json"}}),
         ("401", {"json": good}),
-        ("403", {"json": good, "headers": {"X-API-Key": "wrong"}}),
+        ("401 unknown key", {"json": good, "headers": {"X-API-Key": "wrong"}}),
     ]
 
 

@@ -91,7 +91,8 @@ def tiny_png(size: int, path: Path) -> None:
 
 
 def publish_tiny_model(store: ModelStore, model: TinyModel, name: str) -> ModelCard:
-    """Publish a tiny model into the store the way dae.publish does: staging dir, card, atomic rename."""
+    """Publish a tiny model into the store the way dae.publish does: staging dir, card, atomic rename; it belongs
+    to the store view's owner."""
     staging = store.staging_dir()
     shutil.copyfile(model.onnx_path, staging / "model.onnx")
     tiny_png(16, staging / "history.png")
@@ -100,6 +101,7 @@ def publish_tiny_model(store: ModelStore, model: TinyModel, name: str) -> ModelC
     height, width, channels = model.trained_shape
     card = ModelCard(
         id=new_model_id(),
+        owner=store.owner,
         name=name,
         version=store.reserve_version(name),
         created_at=datetime.now(UTC),
