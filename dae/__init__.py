@@ -1,4 +1,4 @@
-"""Denoising autoencoders: specs, data, models, training, evaluation, export and the model store.
+"""Denoising autoencoders: specs, data, models, training, evaluation and export (the store lives in core/).
 
 `import dae` is cheap and never imports TensorFlow; only the modules that build or train models do.
 """

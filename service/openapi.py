@@ -60,6 +60,8 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     if settings is not None:
         if not settings.auth_enabled:
             _make_api_key_optional(schema)
+        elif settings.metrics_require_key:
+            _require_api_key(schema, "/metrics", 401, 403)
         _cap_epochs(schema, settings.max_epochs)
     app.openapi_schema = schema
     return schema
@@ -164,6 +166,19 @@ def _make_api_key_optional(schema: dict[str, Any]) -> None:
         security = operation.get("security")
         if security and {} not in security:
             operation["security"] = [*security, {}]
+
+
+def _require_api_key(schema: dict[str, Any], path: str, *codes: int) -> None:
+    """A route the middleware protects by a setting (not by its router) documents the key and its refusals."""
+    from service.schemas import error_responses
+
+    for operation in schema.get("paths", {}).get(path, {}).values():
+        operation["security"] = [{"ApiKey": []}]
+        for code in codes:
+            operation.setdefault("responses", {})[str(code)] = {
+                "description": error_responses(code)[code]["description"],
+                "content": {"application/json": {"schema": {"$ref": _REF_TEMPLATE.format(model="ErrorBody")}}},
+            }
 
 
 def _cap_epochs(schema: dict[str, Any], max_epochs: int) -> None:

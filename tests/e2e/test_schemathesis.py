@@ -12,7 +12,9 @@ required headers, unsupported methods, Allow headers, use after free, resource a
 - fuzzing: random valid and invalid requests;
 - stateful: sequences over the links schemathesis infers from Location headers and ids, e.g.
   POST /jobs -> GET /jobs/{job_id} -> DELETE /jobs/{job_id} -> GET /jobs/{job_id}/events.
-The target is 0 failures: no 5xx, and every response as the schema documents it.
+The target is 0 failures: no 5xx, and every response as the schema documents it. A second gateway on the same
+Redis and store runs with API keys (and /metrics behind one); a shorter run through it, with a valid key, adds the
+ignored-auth check: no operation that declares the key answers without it or with an invalid one.
 
 What the configuration below tells schemathesis, and why:
 - `dictionaries`: real ids to draw from half of the time (a model, a dataset, a finished job, the first page), so
@@ -270,25 +272,24 @@ def fuzz_stack(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         yield stack
 
 
-def _write_config(path: Path, stack: FuzzStack) -> Path:
+def _write_config(path: Path, stack: FuzzStack, max_examples: int = MAX_EXAMPLES) -> Path:
     path.write_text(CONFIG.substitute(
-        seed=SEED, max_examples=MAX_EXAMPLES, stateful_examples=STATEFUL_EXAMPLES, max_steps=MAX_STEPS, model=MODEL_NAME, victim=VICTIM_NAME,
+        seed=SEED, max_examples=max_examples, stateful_examples=STATEFUL_EXAMPLES, max_steps=MAX_STEPS, model=MODEL_NAME, victim=VICTIM_NAME,
         job_id=stack.job_id, dataset_id=stack.dataset_id, stream_seconds=STREAM_SECONDS, stream_events=STREAM_EVENTS,
     ), encoding="utf-8")
     return path
 
 
-def test_schemathesis_finds_nothing(fuzz_stack: FuzzStack, tmp_path: Path) -> None:
-    config = _write_config(tmp_path / "schemathesis.toml", fuzz_stack)
-    report = tmp_path / "report.json"
+def _run_schemathesis(url: str, config: Path, workdir: Path, *extra: str) -> None:
+    """`st run` of the gateway's own schema; asserts no failure and that every operation was tested."""
+    report = workdir / "report.json"
     command = [
-        sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run",
-        f"{fuzz_stack.gateway.url}/openapi.json", "--report", "json", "--report-json-path", str(report),
-        "--no-color",
+        sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", f"{url}/openapi.json",
+        "--report", "json", "--report-json-path", str(report), "--no-color", *extra,
     ]
     started = time.monotonic()
-    # Run in tmp_path: hypothesis and schemathesis write their caches to the working directory.
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    # Run in workdir: hypothesis and schemathesis write their caches to the working directory.
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     elapsed = time.monotonic() - started
     document = json.loads(report.read_text()) if report.exists() else {}
     operations = document.get("operations", {})
@@ -297,10 +298,41 @@ def test_schemathesis_finds_nothing(fuzz_stack: FuzzStack, tmp_path: Path) -> No
     print(
         f"\nschemathesis: {operations.get('tested')}/{operations.get('total')} operations, "
         f"{cases.get('generated')} cases, {failures} failures, {len(document.get('errors', []))} errors "
-        f"in {elapsed:.1f} s (seed {SEED}, {MAX_EXAMPLES} examples per operation and phase)"
+        f"in {elapsed:.1f} s (seed {SEED})"
     )
     assert result.returncode == 0, f"schemathesis found problems:\n{result.stdout[-20000:]}\n{result.stderr[-3000:]}"
     assert operations.get("tested") == operations.get("total"), operations
+
+
+def test_schemathesis_finds_nothing(fuzz_stack: FuzzStack, tmp_path: Path) -> None:
+    config = _write_config(tmp_path / "schemathesis.toml", fuzz_stack)
+    _run_schemathesis(fuzz_stack.gateway.url, config, tmp_path)
+
+
+#: The keyed gateway's key: the default owner's admin, so the fuzzer reaches the seeded model, job and dataset.
+FUZZ_KEY = "fuzz-admin-secret-20261202"
+#: Fewer cases with keys: what this run adds is the ignored-auth check (each operation probed without and with an
+#: invalid key once it answered 2xx) and the schema's security with keys on; the open run fuzzed the rest.
+KEYED_EXAMPLES = 8
+
+
+def test_schemathesis_with_api_keys_finds_no_ignored_auth(fuzz_stack: FuzzStack, tmp_path: Path) -> None:
+    env = {**GATEWAY_ENV, "DAE_API_KEYS": f"default:admin:{FUZZ_KEY}", "DAE_METRICS_REQUIRE_KEY": "true"}
+    gateway = GatewayProcess(redis_url=fuzz_stack.gateway.env["DAE_REDIS_URL"],
+                             store_dir=fuzz_stack.store_dir, log_path=tmp_path / "keyed-gateway.log",
+                             extra_env=env).start()
+    try:
+        schema = httpx.get(f"{gateway.url}/openapi.json").json()
+        for path, methods in schema["paths"].items():
+            for method, operation in methods.items():
+                expected = None if path in ("/healthz", "/readyz") else [{"ApiKey": []}]
+                assert operation.get("security") == expected, (method, path)  # every route's security, open ones too
+        assert httpx.get(f"{gateway.url}/metrics").status_code == 401
+        config = _write_config(tmp_path / "schemathesis.toml", fuzz_stack, max_examples=KEYED_EXAMPLES)
+        _run_schemathesis(gateway.url, config, tmp_path, "--phases", "examples,coverage,fuzzing",
+                          "-H", f"X-API-Key: {FUZZ_KEY}")
+    finally:
+        gateway.stop()
 
 
 def test_what_schemathesis_found_stays_fixed(fuzz_stack: FuzzStack) -> None:
