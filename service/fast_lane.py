@@ -22,6 +22,7 @@ from starlette.responses import Response
 from starlette.routing import request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.deps import principal_of
 from service.reconstruct.parsing import read_call, wants_png
 from service.reconstruct.pipeline import reconstruct
 from service.reconstruct.schemas import AnswerOptions, ErrorFormat, OutputFormat
@@ -60,7 +61,7 @@ async def serve(request: Request) -> Response:
     options = read_options(request)
     call = await read_call(request)
     resources = request.app.state.resources
-    return await reconstruct(call, request.app.state.settings, resources.inference, options,
+    return await reconstruct(call, request.app.state.settings, resources.inference, options, principal_of(request),
                              wants_png=await wants_png(request))
 
 

@@ -1,4 +1,5 @@
-"""The inference engine: a reference resolves to a loaded model (service.inference.sessions), images run through
+"""The inference engine: a reference resolves through the caller's owner view of the store
+(service.inference.resolver) to a loaded model (service.inference.sessions), images run through
 the micro-batcher (service.inference.batcher) in pieces, and every batch comes back as outputs clipped to [0, 1]
 with their L1 error maps and statistics (Denoised); encoding the answer is the caller's (service.reconstruct).
 
@@ -14,23 +15,20 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import os
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from core.store import CARD_FILE, ModelStore, is_model_id
+from core.store import ModelStore
 from dae.errors import InvalidImage, Overloaded, PayloadTooLarge
+from dae.spec import DEFAULT_OWNER
 from service.imaging.error_maps import ErrorMaps
 from service.inference.batcher import BatchStats, MicroBatcher
+from service.inference.resolver import ModelResolver
 from service.inference.sessions import LoadedModel, SessionCache, load_model
 
-#: How long a name (or name:version) keeps resolving to the same model id without looking at the store again:
-#: a newly published version of a name serves within this time.
-NAME_CACHE_TTL_S = 1.0
-NAME_CACHE_SIZE = 4096
 #: A batch of at most this many values is clipped and measured on the event loop once its run is back, a larger one
 #: in the worker thread: numpy keeps the GIL on small arrays, so a thread only adds wake-ups (bench/README.md).
 LOOP_POSTPROCESS_MAX_VALUES = 128 * 1024
@@ -177,6 +175,7 @@ class InferenceEngine:
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self.store = store
+        self.resolver = ModelResolver(store)
         self.cache = SessionCache(max_sessions=cache_size, memory_budget_bytes=int(memory_budget_mib * 1024 * 1024))
         self.batcher: MicroBatcher[np.ndarray, _BatchRun, Denoised] = MicroBatcher(
             run_batch, split_batch, max_size=batch_max_size, max_values=batch_max_values,
@@ -193,67 +192,44 @@ class InferenceEngine:
         # Model loads and trims get their own thread so a slow load never delays serving.
         self._load_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dae-onnx-load")
         self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
-        self._names: dict[str, tuple[str, float]] = {}  # name or name:version -> (model id, expiry)
-        self._card_paths: dict[str, str] = {}  # model id -> path of its card.json
         self._trim: asyncio.TimerHandle | None = None
 
     # -- models ----------------------------------------------------------------------------------
 
-    async def model(self, ref: str) -> LoadedModel:
-        """The loaded model for a reference (id | name | name:version); loads it on a cache miss.
+    async def model(self, ref: str, owner: str = DEFAULT_OWNER, *, every_owner: bool = True) -> LoadedModel:
+        """The loaded model for a reference (id | name | name:version) as `owner` sees the store (every owner's ids
+        with `every_owner`; names always inside `owner`); loads it on a cache miss. ModelNotFound otherwise.
 
-        The model's existence is checked on every call (one stat), so a deleted model stops serving at once;
-        a name's newest version is looked up at most every NAME_CACHE_TTL_S seconds (a directory listing).
+        Resolved through the store's owner view (service.inference.resolver): a deleted model stops serving at
+        once, a newly published version of a name within NAME_CACHE_TTL_S.
         """
-        model_id = self._resolve(ref)
+        model_id = self.resolver.resolve(ref, owner, every_owner=every_owner)
         model = self.cache.get(model_id)
         if model is not None:
             return model
         pending = self._loading.get(model_id)
         if pending is None:
+            view = self.resolver.view(owner, every_owner)
             loop = asyncio.get_running_loop()
-            pending = loop.run_in_executor(self._load_executor, self._load, model_id)
+            pending = loop.run_in_executor(self._load_executor, self._load, view, model_id)
             self._loading[model_id] = pending
             pending.add_done_callback(lambda _: self._loading.pop(model_id, None))
         return await asyncio.shield(pending)
 
-    def _resolve(self, ref: str) -> str:
-        if is_model_id(ref):
-            if self._is_published(ref):
-                return ref
-            return self.store.resolve_model_id(ref)  # ModelNotFound, with the store's message
-        cached = self._names.get(ref)
-        if cached is not None and cached[1] > time.monotonic() and self._is_published(cached[0]):
-            return cached[0]
-        model_id = self.store.resolve_model_id(ref)
-        if model_id != ref:
-            if len(self._names) >= NAME_CACHE_SIZE:
-                self._names.clear()
-            self._names[ref] = (model_id, time.monotonic() + NAME_CACHE_TTL_S)
-        return model_id
-
-    def _is_published(self, model_id: str) -> bool:
-        """Whether the model's card is on disk: ModelStore.resolve_model_id's test, as one stat of a cached path."""
-        path = self._card_paths.get(model_id)
-        if path is None:
-            if len(self._card_paths) >= NAME_CACHE_SIZE:
-                self._card_paths.clear()
-            path = self._card_paths[model_id] = os.path.join(self.store.models_dir, model_id, CARD_FILE)
-        return os.path.isfile(path)
-
-    def _load(self, model_id: str) -> LoadedModel:
+    def _load(self, view: ModelStore, model_id: str) -> LoadedModel:
         cached = self.cache.get(model_id)  # loaded by an earlier queued load
         if cached is not None:
             return cached
-        card = self.store.read_card(model_id)
-        onnx_path = self.store.artifact_path(model_id, "model.onnx")
+        card = view.read_card(model_id)
+        onnx_path = view.artifact_path(model_id, "model.onnx")
         model = load_model(card, onnx_path, intra_op_threads=self.intra_op_threads)
         self.cache.put(model)
         self.stats.loads += 1
         return model
 
     def evict(self, model_id: str) -> bool:
-        """Forget a model's session (after DELETE /models); True if it was loaded."""
+        """Forget a model's session and every resolution to it (after DELETE /models); True if it was loaded."""
+        self.resolver.forget(model_id)
         return self.cache.remove(model_id)
 
     # -- running ---------------------------------------------------------------------------------

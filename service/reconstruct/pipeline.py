@@ -19,6 +19,7 @@ from starlette.responses import Response, StreamingResponse
 
 from dae.errors import InvalidImage
 from dae.noise import add_noise
+from service.auth import Principal
 from service.config import Settings
 from service.imaging.codec import PendingImage, encode_png, to_channels
 from service.inference.engine import InferenceEngine
@@ -115,16 +116,23 @@ def decode_call(opened: OpenedCall, model: LoadedModel, noise: AddNoise | None) 
 
 
 async def reconstruct(
-    call: ParsedCall, settings: Settings, inference: InferenceEngine, options: AnswerOptions, *, wants_png: bool
+    call: ParsedCall,
+    settings: Settings,
+    inference: InferenceEngine,
+    options: AnswerOptions,
+    caller: Principal,
+    *,
+    wants_png: bool,
 ) -> Response:
-    """The answer to a parsed call: the denoised PNG alone when `wants_png`, else JSON as `options` ask."""
+    """The answer to a parsed call: the denoised PNG alone when `wants_png`, else JSON as `options` ask. The model
+    is the caller's: a name resolves inside its owner, another owner's id only for an admin (else 404)."""
     noise = call.add_noise
     large_body = call.body_bytes > INLINE_WORK_LIMIT
     # 413s come here, before anything is decoded.
     opened = await in_thread(functools.partial(open_call, call, settings)) if large_body else open_call(call, settings)
     if wants_png and opened.images != 1:
         raise HTTPException(406, "Accept: image/png returns one image. Expected one input image. Received: a batch")
-    model = await inference.model(call.model)
+    model = await inference.model(call.model, caller.owner, every_owner=caller.sees_every_owner)
     heavy = large_body or opened.values > INLINE_WORK_LIMIT
     if heavy:
         prepared = await in_thread(functools.partial(decode_call, opened, model, noise))

@@ -22,7 +22,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query
 from starlette.responses import Response
 
-from service.deps import ApiKeyRequired, InferenceDep, SettingsDep
+from service.deps import ApiKeyRequired, InferenceDep, PrincipalDep, SettingsDep
 from service.reconstruct.parsing import read_call, wants_png
 from service.reconstruct.pipeline import reconstruct
 from service.reconstruct.schemas import (
@@ -63,6 +63,7 @@ REQUEST_BODY = {
 async def reconstruct_images(
     settings: SettingsDep,
     inference: InferenceDep,
+    caller: PrincipalDep,
     call: Annotated[ParsedCall, Depends(read_call)],
     png_only: Annotated[bool, Depends(wants_png)],
     format: Annotated[
@@ -75,4 +76,4 @@ async def reconstruct_images(
 ) -> Response:
     """Denoise one image or a batch; returns each denoised image, its L1 error map |input − denoised|, heatmap and stats."""
     options = AnswerOptions(format=format, error_format=error_format, heatmap=heatmap)
-    return await reconstruct(call, settings, inference, options, wants_png=png_only)
+    return await reconstruct(call, settings, inference, options, caller, wants_png=png_only)
