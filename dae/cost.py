@@ -1,12 +1,13 @@
 """The cost of a training job, estimated from its spec before anything is queued.
 
 Pure arithmetic (no TensorFlow, no Keras): the gateway calls it at submission. It follows exactly the layers
-`dae.models.build_autoencoder` creates, so `JobCost.parameters` equals the Keras model's `count_params()`.
+`dae.models.build_autoencoder` creates (dense, conv, unet, residual), so `JobCost.parameters` equals the Keras
+model's `count_params()` (batch normalisation's moving statistics included).
 
 Training memory is estimated in float32 bytes as the sum of
 - weights: parameters × 4;
 - optimizer state: parameters × slots × 4 (adam 2; rmsprop 1, +1 with momentum; sgd 0, +1 with momentum);
-- gradients: parameters × 4;
+- gradients: parameters × 4 (these two count batch normalisation's moving statistics too: a slight over-estimate);
 - activations of one batch: Σ over every layer of the model (its input layer included) of the layer's output
   size for one image × batch_size × 4 (what the forward pass keeps for backprop);
 - training images: min(dataset size, max_train_images) × H × W × C × 4 (dae.training holds them once as a
@@ -116,6 +117,80 @@ def _conv_layers(spec: TrainingSpec, image_shape: tuple[int, int, int]) -> tuple
     return parameters, activations
 
 
+def _conv_unit(spec: TrainingSpec, fan_in: int, filters: int, pixels: int, *, normalize: bool) -> tuple[int, int]:
+    """(parameters, activation values per image) of dae.models._conv_unit at `pixels` = H × W."""
+    kernel_area = spec.architecture.kernel_size**2
+    if not normalize:  # Conv2D with bias and its activation: one layer
+        return kernel_area * fan_in * filters + filters, pixels * filters
+    # Conv2D without bias, BatchNormalization (gamma, beta, moving mean and variance), Activation.
+    return kernel_area * fan_in * filters + 4 * filters, 3 * pixels * filters
+
+
+def _unet_layers(spec: TrainingSpec, image_shape: tuple[int, int, int]) -> tuple[int, int]:
+    """(parameters, activation values per image) of dae.models._build_unet on images of `image_shape`."""
+    architecture = spec.architecture
+    height, width, channels = image_shape
+    kernel_area = architecture.kernel_size**2
+    factor = architecture.downsampling_factor
+    padded_height, padded_width = -(-height // factor) * factor, -(-width // factor) * factor
+
+    def pixels(level: int) -> int:  # level 1 is full (padded) resolution; each next one pools by 2
+        return (padded_height >> (level - 1)) * (padded_width >> (level - 1))
+
+    parameters = 0
+    activations = height * width * channels + padded_height * padded_width * channels  # noisy, pad_to_multiple
+    fan_in = channels
+    for level, filters in enumerate(architecture.filters, start=1):
+        if level > 1:
+            activations += pixels(level) * fan_in  # encoder_pool: the previous level's channels
+        for unit in range(1, architecture.convs_per_level + 1):
+            unit_parameters, unit_activations = _conv_unit(
+                spec, fan_in, filters, pixels(level), normalize=architecture.batch_norm and (level, unit) != (1, 1)
+            )
+            parameters += unit_parameters
+            activations += unit_activations
+            fan_in = filters
+    for level in range(len(architecture.filters) - 1, 0, -1):
+        filters = architecture.filters[level - 1]
+        parameters += kernel_area * fan_in * filters + filters  # decoder_up: Conv2DTranspose stride 2
+        activations += pixels(level) * filters
+        fan_in = filters
+        if architecture.skip_connections:  # decoder_skip: the upsampled and the encoder's features
+            fan_in = 2 * filters
+            activations += pixels(level) * fan_in
+        for _ in range(architecture.convs_per_level):
+            unit_parameters, unit_activations = _conv_unit(
+                spec, fan_in, filters, pixels(level), normalize=architecture.batch_norm
+            )
+            parameters += unit_parameters
+            activations += unit_activations
+            fan_in = filters
+    parameters += kernel_area * fan_in * channels + channels  # decoder_noise
+    activations += padded_height * padded_width * channels
+    activations += 3 * height * width * channels  # crop_to_input, subtract_noise, denoised
+    return parameters, activations
+
+
+def _residual_layers(spec: TrainingSpec, image_shape: tuple[int, int, int]) -> tuple[int, int]:
+    """(parameters, activation values per image) of dae.models._build_residual on images of `image_shape`."""
+    architecture = spec.architecture
+    height, width, channels = image_shape
+    values = height * width
+    parameters = 0
+    activations = values * channels  # noisy
+    fan_in = channels
+    for index, filters in enumerate(architecture.filters, start=1):
+        unit_parameters, unit_activations = _conv_unit(
+            spec, fan_in, filters, values, normalize=architecture.batch_norm and index > 1
+        )
+        parameters += unit_parameters
+        activations += unit_activations
+        fan_in = filters
+    parameters += architecture.kernel_size**2 * fan_in * channels + channels  # decoder_noise
+    activations += 3 * values * channels  # decoder_noise, subtract_noise, denoised
+    return parameters, activations
+
+
 def estimate_job_cost(
     spec: TrainingSpec, image_shape: tuple[int, int, int], *, train_images: int | None = None
 ) -> JobCost:
@@ -137,9 +212,14 @@ def estimate_job_cost(
         parameters, activation_values = _dense_layers(spec, height * width * channels)
     elif spec.architecture.type == "conv":
         parameters, activation_values = _conv_layers(spec, (height, width, channels))
+    elif spec.architecture.type == "unet":
+        parameters, activation_values = _unet_layers(spec, (height, width, channels))
+    elif spec.architecture.type == "residual":
+        parameters, activation_values = _residual_layers(spec, (height, width, channels))
     else:
         raise ValueError(
-            f"Unknown architecture. Expected 'dense' or 'conv'. Received: architecture.type={spec.architecture.type!r}"
+            "Unknown architecture. Expected 'dense', 'conv', 'unet' or 'residual'. "
+            f"Received: architecture.type={spec.architecture.type!r}"
         )
     slots = optimizer_slots(spec)
     images = 0

@@ -1,4 +1,4 @@
-"""Dense and convolutional autoencoder builders.
+"""Denoiser builders: dense and convolutional autoencoders, U-Nets and residual (DnCNN-style) CNNs.
 
 Layer names carry the structure other modules rely on: encoder layers are named `encoder_*` and the encoder's
 last layer (the code) is `code`; decoder layers are `decoder_*`; the model's output layer is `denoised`.
@@ -10,6 +10,16 @@ itself reflect-pads its input at the bottom/right to the next multiple of 2**lev
 the output back to the input's size (`CropToReference`): any image at least 2**levels pixels on a side goes in,
 and the same size comes out, at training and at serving time (also through ONNX). The output activation is a
 separate last layer, after the crop, so a sigmoid output keeps its logits for a stable cross-entropy.
+
+U-Nets and residual CNNs predict the noise: their last convolution (`decoder_noise`, linear, C channels) is
+subtracted from the input (`subtract_noise`), then `denoised` (a linear activation carrying the decoder's activity
+regularizer). A U-Net with L levels pools L − 1 times, so it pads to a multiple of 2**(L − 1) and crops its
+predicted noise back like the conv model; a residual CNN stays at the input's resolution (no padding).
+Layer groups: U-Net encoder = the convolutions of the downsampling path and the bottleneck (its last unit is
+`code`), decoder = the upsampling transposed convolutions, the decoder convolutions and `decoder_noise`; residual
+encoder = the first ceil(n/2) of its n hidden convolutions (the last of them is `code`), decoder = the rest and
+`decoder_noise`. With batch normalisation a unit is `<group>_conv_<tag>` (no bias) → `<group>_bn_<tag>` →
+`<group>_act_<tag>` (or `code`); the network's first convolution is never normalised.
 """
 
 # mypy: disallow-subclassing-any=False
@@ -105,6 +115,10 @@ def build_autoencoder(spec: TrainingSpec, image_shape: tuple[int, int, int]) -> 
     decoder_regularizers = build_group_regularizers(spec.regularization, "decoder")
     if spec.architecture.type == "conv":
         return _build_conv(spec, channels, encoder_regularizers, decoder_regularizers)
+    if spec.architecture.type == "unet":
+        return _build_unet(spec, channels, encoder_regularizers, decoder_regularizers)
+    if spec.architecture.type == "residual":
+        return _build_residual(spec, channels, encoder_regularizers, decoder_regularizers)
     return _build_dense(spec, (height, width, channels), encoder_regularizers, decoder_regularizers)
 
 
@@ -174,6 +188,129 @@ def _build_dense(
         architecture.output_activation, activity_regularizer=decoder.activity, name=OUTPUT_LAYER_NAME
     )(x)
     return keras.Model(inputs, outputs, name="dense_autoencoder")
+
+
+def _conv_unit(
+    x: Any,
+    filters: int,
+    spec: TrainingSpec,
+    regularizers: GroupRegularizers,
+    *,
+    group: LayerGroup,
+    tag: str,
+    normalize: bool,
+    is_code: bool = False,
+) -> Any:
+    """One same-resolution convolution with its activation, batch-normalised in between when `normalize`; the
+    unit's output layer is named `code` when `is_code` (and carries the encoder's activity regularizer)."""
+    architecture = spec.architecture
+    activity = regularizers.activity if is_code else None
+    if not normalize:
+        return keras.layers.Conv2D(
+            filters,
+            architecture.kernel_size,
+            padding="same",
+            activation=architecture.activation,
+            activity_regularizer=activity,
+            name=CODE_LAYER_NAME if is_code else f"{group}_conv_{tag}",
+            **_weight_regularizers(regularizers),
+        )(x)
+    x = keras.layers.Conv2D(
+        filters,
+        architecture.kernel_size,
+        padding="same",
+        use_bias=False,  # the normalisation's offset is the bias
+        name=f"{group}_conv_{tag}",
+        kernel_regularizer=regularizers.kernel,
+    )(x)
+    x = keras.layers.BatchNormalization(name=f"{group}_bn_{tag}")(x)
+    return keras.layers.Activation(
+        architecture.activation,
+        activity_regularizer=activity,
+        name=CODE_LAYER_NAME if is_code else f"{group}_act_{tag}",
+    )(x)
+
+
+def _subtract_noise(
+    spec: TrainingSpec, inputs: Any, noise: Any, decoder: GroupRegularizers, *, crop: bool
+) -> Any:
+    """input − predicted noise (cropped back to the input's size first when the network padded it)."""
+    if crop:
+        noise = CropToReference(name="crop_to_input")([noise, inputs])
+    x = keras.layers.Subtract(name="subtract_noise")([inputs, noise])
+    return keras.layers.Activation(
+        spec.architecture.output_activation, activity_regularizer=decoder.activity, name=OUTPUT_LAYER_NAME
+    )(x)
+
+
+def _noise_prediction(spec: TrainingSpec, x: Any, channels: int, decoder: GroupRegularizers) -> Any:
+    return keras.layers.Conv2D(
+        channels, spec.architecture.kernel_size, padding="same", name="decoder_noise", **_weight_regularizers(decoder)
+    )(x)
+
+
+def _build_unet(
+    spec: TrainingSpec, channels: int, encoder: GroupRegularizers, decoder: GroupRegularizers
+) -> keras.Model:
+    architecture = spec.architecture
+    levels = len(architecture.filters)
+    units = architecture.convs_per_level
+    inputs = keras.Input(shape=(None, None, channels), name="noisy")
+    x = PadToMultiple(architecture.downsampling_factor, name="pad_to_multiple")(inputs)
+    skips = []
+    for level, filters in enumerate(architecture.filters, start=1):
+        if level > 1:
+            x = keras.layers.MaxPooling2D(2, name=f"encoder_pool_{level}")(x)
+        for unit in range(1, units + 1):
+            x = _conv_unit(
+                x, filters, spec, encoder, group="encoder", tag=f"{level}_{unit}",
+                normalize=architecture.batch_norm and (level, unit) != (1, 1),
+                is_code=(level, unit) == (levels, units),
+            )
+        skips.append(x)
+    for level in range(levels - 1, 0, -1):
+        filters = architecture.filters[level - 1]
+        x = keras.layers.Conv2DTranspose(
+            filters,
+            architecture.kernel_size,
+            strides=2,
+            padding="same",
+            activation=architecture.activation,
+            name=f"decoder_up_{level}",
+            **_weight_regularizers(decoder),
+        )(x)
+        if architecture.skip_connections:
+            x = keras.layers.Concatenate(name=f"decoder_skip_{level}")([x, skips[level - 1]])
+        for unit in range(1, units + 1):
+            x = _conv_unit(
+                x, filters, spec, decoder, group="decoder", tag=f"{level}_{unit}", normalize=architecture.batch_norm
+            )
+    noise = _noise_prediction(spec, x, channels, decoder)
+    outputs = _subtract_noise(spec, inputs, noise, decoder, crop=True)
+    return keras.Model(inputs, outputs, name="unet_denoiser")
+
+
+def residual_encoder_layers(hidden_layers: int) -> int:
+    """How many of a residual CNN's hidden convolutions form its encoder group: the first ceil(n/2)."""
+    return (hidden_layers + 1) // 2
+
+
+def _build_residual(
+    spec: TrainingSpec, channels: int, encoder: GroupRegularizers, decoder: GroupRegularizers
+) -> keras.Model:
+    architecture = spec.architecture
+    encoder_layers = residual_encoder_layers(len(architecture.filters))
+    inputs = keras.Input(shape=(None, None, channels), name="noisy")
+    x = inputs
+    for index, filters in enumerate(architecture.filters, start=1):
+        in_encoder = index <= encoder_layers
+        x = _conv_unit(
+            x, filters, spec, encoder if in_encoder else decoder, group="encoder" if in_encoder else "decoder",
+            tag=str(index), normalize=architecture.batch_norm and index > 1, is_code=index == encoder_layers,
+        )
+    noise = _noise_prediction(spec, x, channels, decoder)
+    outputs = _subtract_noise(spec, inputs, noise, decoder, crop=False)
+    return keras.Model(inputs, outputs, name="residual_denoiser")
 
 
 def layers_in_group(model: keras.Model, group: LayerGroup) -> list[keras.layers.Layer]:

@@ -124,7 +124,7 @@ def publish_training_result(
         name = default_model_name(spec)
         # Reserved only once every artifact is in place, so failed exports do not use up versions.
         version = store.reserve_version(name)
-        is_conv = spec.architecture.type == "conv"
+        is_conv = spec.architecture.is_fully_convolutional  # conv, unet, residual: any H and W
         height, width, channels = data.image_shape
         card = ModelCard(
             id=model_id,

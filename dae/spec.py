@@ -10,11 +10,21 @@ import math
 import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from dae.errors import InvalidSpec
+
+# The architecture and noise parts live in dae/spec_parts.py (to keep this module short); this is their import path.
+from dae.spec_parts import MAX_LEVELS as MAX_LEVELS
+from dae.spec_parts import MAX_NOISE_LEVEL as MAX_NOISE_LEVEL
+from dae.spec_parts import MAX_RESIDUAL_LAYERS as MAX_RESIDUAL_LAYERS
+from dae.spec_parts import ArchitectureSpec as ArchitectureSpec
+from dae.spec_parts import NoiseLevel as NoiseLevel
+from dae.spec_parts import NoiseLevelRange as NoiseLevelRange
+from dae.spec_parts import NoiseSpec as NoiseSpec
+from dae.spec_parts import StrictModel
 
 #: Hard ceilings of the library; the gateway may configure lower ones (DAE_MAX_EPOCHS, ...).
 MAX_EPOCHS = 1000
@@ -43,56 +53,7 @@ def is_dataset_id(value: str) -> bool:
     return isinstance(value, str) and re.fullmatch(DATASET_ID_PATTERN, value) is not None
 
 
-class _Strict(BaseModel):
-    """Base for spec parts: unknown fields are an error, not silently ignored."""
-
-    model_config = ConfigDict(extra="forbid")
-
-
-# ---------------------------------------------------------------------------------------------
-# Architecture
-# ---------------------------------------------------------------------------------------------
-
-
-class ArchitectureSpec(_Strict):
-    """The autoencoder's shape: a dense (MLP) or a fully convolutional encoder/decoder."""
-
-    type: Literal["dense", "conv"] = Field("conv", description="`dense` (fixed input size) or `conv` (any size).")
-    hidden_units: list[Annotated[int, Field(ge=1, le=8192)]] = Field(
-        default_factory=lambda: [256, 128],
-        max_length=8,
-        description="Dense only: widths of the encoder's hidden layers (mirrored in the decoder).",
-    )
-    latent_dim: int = Field(32, ge=1, le=8192, description="Dense only: width of the code layer.")
-    filters: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
-        default_factory=lambda: [32, 64],
-        min_length=1,
-        max_length=6,
-        description="Conv only: filters per encoder level; each level halves H and W (stride 2).",
-    )
-    kernel_size: int = Field(
-        3, ge=1, le=11, description="Conv only: odd kernel side length.", json_schema_extra={"not": {"multipleOf": 2}}
-    )
-    activation: Literal["relu", "elu", "gelu", "selu", "tanh", "swish", "leaky_relu"] = "relu"
-    output_activation: Literal["linear", "sigmoid"] = Field(
-        "linear",
-        description=(
-            "`linear` (default; trains robustly with any loss) or `sigmoid`. Served outputs are clipped "
-            "to [0, 1] either way."
-        ),
-    )
-
-    @field_validator("kernel_size")
-    @classmethod
-    def _odd_kernel(cls, value: int) -> int:
-        if value % 2 == 0:
-            raise ValueError(f"kernel_size must be odd so 'same' padding is symmetric. Expected an odd integer. Received: kernel_size={value}")
-        return value
-
-    @property
-    def downsampling_factor(self) -> int:
-        """How much the conv encoder shrinks H and W (1 for dense)."""
-        return 2 ** len(self.filters) if self.type == "conv" else 1
+_Strict = StrictModel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,15 +102,32 @@ class LayerGroupRegularization(_Strict):
     bias: PenaltySpec = Field(default_factory=PenaltySpec)
     activity: PenaltySpec = Field(
         default_factory=PenaltySpec,
-        description="Encoder: applied to the code (an activity L1 there makes a sparse autoencoder). Decoder: to its output.",
+        description=(
+            "Encoder: applied to the code (an activity L1 there makes a sparse autoencoder). Decoder: to its output "
+            "(the denoised image)."
+        ),
     )
 
 
 class RegularizationSpec(_Strict):
-    """Kernel, bias and activity penalties for the encoder and the decoder."""
+    """Kernel, bias and activity penalties for the encoder and the decoder (the two layer groups)."""
 
-    encoder: LayerGroupRegularization = Field(default_factory=LayerGroupRegularization)
-    decoder: LayerGroupRegularization = Field(default_factory=LayerGroupRegularization)
+    encoder: LayerGroupRegularization = Field(
+        default_factory=LayerGroupRegularization,
+        description=(
+            "dense/conv: the encoder layers up to the code layer. unet: every convolution of the downsampling path "
+            "and of the bottleneck (its last convolution is the code). residual: the first ceil(n/2) of its n hidden "
+            "convolutions (the last of them is the code). Batch normalisations get no penalty."
+        ),
+    )
+    decoder: LayerGroupRegularization = Field(
+        default_factory=LayerGroupRegularization,
+        description=(
+            "dense/conv: the decoder layers and the output layer. unet: the upsampling (transposed) convolutions, "
+            "the decoder convolutions and the last convolution, which predicts the noise. residual: the other "
+            "hidden convolutions and the last one, which predicts the noise."
+        ),
+    )
     l1_method: Literal["penalty", "proximal"] = Field(
         "penalty",
         description=(
@@ -158,34 +136,6 @@ class RegularizationSpec(_Strict):
             "weights reach exactly 0. Activity L1 is always a penalty."
         ),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Noise
-# ---------------------------------------------------------------------------------------------
-
-
-class NoiseSpec(_Strict):
-    """The corruption applied to the clean images; drawn fresh for every batch."""
-
-    type: Literal["gaussian", "salt_pepper", "masking", "speckle"] = Field(
-        "gaussian",
-        description=(
-            "`gaussian` (additive, `level` = stddev), `salt_pepper` (`level` = fraction of pixels set to 0 or 1), "
-            "`masking` (`level` = fraction of pixels set to 0), `speckle` (multiplicative, `level` = stddev)."
-        ),
-    )
-    level: float = Field(0.3, ge=0, le=2, description="Stddev for gaussian/speckle, a fraction in [0, 1] otherwise.")
-    clip: bool = Field(True, description="Clip the noisy image to [0, 1] (images live there).")
-
-    @model_validator(mode="after")
-    def _fraction_in_range(self) -> NoiseSpec:
-        if self.type in ("salt_pepper", "masking") and self.level > 1:
-            raise ValueError(
-                f"noise.level is a fraction of pixels for type={self.type!r}. Expected 0 <= level <= 1. "
-                f"Received: level={self.level}"
-            )
-        return self
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,15 +239,21 @@ def check_spec_for_images(spec: TrainingSpec, image_shape: tuple[int, ...]) -> N
     Raises InvalidSpec naming the field, the limit and the received value.
     """
     height, width = int(image_shape[0]), int(image_shape[1])
-    if spec.architecture.type == "conv":
-        factor = spec.architecture.downsampling_factor
-        if factor > min(height, width):
-            max_depth = int(math.log2(min(height, width)))
+    architecture = spec.architecture
+    factor = architecture.downsampling_factor
+    if factor > min(height, width):
+        max_depth = int(math.log2(min(height, width)))
+        if architecture.type == "conv":
             raise InvalidSpec(
-                f"architecture.filters has {len(spec.architecture.filters)} stride-2 levels, which shrink "
+                f"architecture.filters has {len(architecture.filters)} stride-2 levels, which shrink "
                 f"{height}x{width} images by {factor}. Expected at most {max_depth} levels for this dataset. "
-                f"Received: filters={spec.architecture.filters}"
+                f"Received: filters={architecture.filters}"
             )
+        raise InvalidSpec(
+            f"architecture.filters has {len(architecture.filters)} U-Net levels, whose poolings shrink "
+            f"{height}x{width} images by {factor}. Expected at most {max_depth + 1} levels for this dataset. "
+            f"Received: filters={architecture.filters}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,6 +350,24 @@ class SparsityReport(BaseModel):
     code_zero_fraction: float = Field(description="Mean fraction of exactly-zero code activations on test images.")
 
 
+class TrainedNoise(BaseModel):
+    """The noise a model was trained for, always as a range (a single training level has min_level == max_level)."""
+
+    type: Literal["gaussian", "salt_pepper", "masking", "speckle"]
+    min_level: float = Field(description="Lowest training level (stddev for gaussian/speckle, fraction otherwise).")
+    max_level: float = Field(description="Highest training level.")
+    blind: bool = Field(
+        description="True when every training image drew its own level from [min_level, max_level] (spec.noise.level "
+        "was a range): one model for any level in it, no level to pass at inference."
+    )
+    clip: bool
+
+    @classmethod
+    def from_spec(cls, noise: NoiseSpec) -> TrainedNoise:
+        low, high = noise.level_range
+        return cls(type=noise.type, min_level=low, max_level=high, blind=noise.is_range, clip=noise.clip)
+
+
 class ModelCard(BaseModel):
     """Everything a user needs to know about a stored model; `card.json` holds it."""
 
@@ -415,6 +389,13 @@ class ModelCard(BaseModel):
     library_versions: dict[str, str] = Field(default_factory=dict)
     training_seconds: float | None = None
     onnx_max_abs_diff: float | None = Field(None, description="Max |ONNX − Keras| on the export check.")
+
+    @computed_field(  # type: ignore[prop-decorator]  # pydantic's documented form; mypy rejects decorated properties
+        description="The noise the model was trained for, from spec.noise: type and level range (derived, read-only)."
+    )
+    @property
+    def trained_noise(self) -> TrainedNoise:
+        return TrainedNoise.from_spec(self.spec.noise)
 
 
 # ---------------------------------------------------------------------------------------------

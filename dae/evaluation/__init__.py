@@ -41,6 +41,7 @@ from dae.evaluation.report import (
     noise_label,
     reference_rows,
     select_test_images,
+    training_levels,
 )
 
 __all__ = [
@@ -73,4 +74,5 @@ __all__ = [
     "select_test_images",
     "sparsity_report",
     "ssim_per_image",
+    "training_levels",
 ]

@@ -4,7 +4,8 @@ The table runs on the held-out test split: at most 512 images (a seeded subset; 
 512·32·32 pixels) for the `noisy` input and the `model` output (clipped to [0, 1]); the classical baselines
 (dae.evaluation.baselines) run on the first images of that subset: `tv` on at most 128 and `nl_means` on at most 64
 images, per noise setting. Each QualityRow records how many images it averages over. Noise settings: the training
-noise, then gaussian 0.1/0.2/0.3/0.5 (clipped), without duplicates. The `noisy`, `tv` and `nl_means` rows do not
+noise (for a blind model's range [min, max]: its type at min, mid and max and at the standard levels inside the range,
+ascending), then gaussian 0.1/0.2/0.3/0.5 (clipped), without duplicates. The `noisy`, `tv` and `nl_means` rows do not
 depend on the model (reference_rows): a worker computes them in a helper process while it exports the model
 (dae.evaluation.helper); the numbers are the same.
 """
@@ -35,16 +36,30 @@ ReferenceRows = Sequence[QualityRow] | Callable[[], Sequence[QualityRow]]
 
 
 def noise_label(noise: NoiseSpec) -> str:
-    """A short name of a noise setting, e.g. `gaussian:0.3` (`:unclipped` appended when not clipped)."""
-    label = f"{noise.type}:{noise.level:g}"
+    """A short name of a noise setting, e.g. `gaussian:0.3` or `gaussian:0.05..0.5` for a range (`:unclipped`
+    appended when not clipped)."""
+    low, high = noise.level_range
+    label = f"{noise.type}:{low:g}..{high:g}" if noise.is_range else f"{noise.type}:{low:g}"
     return label if noise.clip else f"{label}:unclipped"
 
 
+def training_levels(training_noise: NoiseSpec) -> list[float]:
+    """The levels at which the training noise is evaluated: its level, or for a range [min, max] min, mid, max and
+    the standard sweep levels inside it, ascending."""
+    low, high = training_noise.level_range
+    if not training_noise.is_range:
+        return [low]
+    inside = {level for level in STANDARD_SWEEP_LEVELS if low <= level <= high}
+    return sorted({low, round((low + high) / 2, 6), high} | inside)
+
+
 def evaluation_noises(training_noise: NoiseSpec) -> list[NoiseSpec]:
-    """The training noise followed by the standard sweep (gaussian 0.1/0.2/0.3/0.5, clipped), no duplicates."""
-    settings = [training_noise] + [
-        NoiseSpec(type="gaussian", level=level, clip=True) for level in STANDARD_SWEEP_LEVELS
+    """The training noise (each of its training_levels) followed by the standard sweep (gaussian 0.1/0.2/0.3/0.5,
+    clipped), no duplicates; every setting has a single level."""
+    trained = [training_noise] if not training_noise.is_range else [
+        training_noise.at_level(level) for level in training_levels(training_noise)
     ]
+    settings = trained + [NoiseSpec(type="gaussian", level=level, clip=True) for level in STANDARD_SWEEP_LEVELS]
     unique: list[NoiseSpec] = []
     for setting in settings:
         if noise_label(setting) not in {noise_label(kept) for kept in unique}:

@@ -51,6 +51,14 @@ ARCHITECTURES = [
     ({"type": "conv", "filters": [5, 7], "kernel_size": 5}, (13, 17, 3)),  # odd sizes, padded to 16x20
     ({"type": "conv", "filters": [2, 3, 4, 5], "kernel_size": 7}, (16, 21, 1)),
     ({"type": "conv", "filters": [6, 2], "kernel_size": 11}, (8, 8, 1)),
+    ({"type": "unet"}, (28, 28, 1)),  # default filters [32, 64]: one pooling, 2 convolutions per level
+    ({"type": "unet", "filters": [4, 8, 16], "kernel_size": 5}, (13, 17, 3)),  # padded to 16x20
+    ({"type": "unet", "filters": [3, 5], "convs_per_level": 1, "skip_connections": False}, (9, 7, 1)),
+    ({"type": "unet", "filters": [4, 6, 8], "convs_per_level": 3, "batch_norm": True}, (8, 8, 2)),
+    ({"type": "unet", "filters": [5], "batch_norm": True}, (7, 5, 1)),  # one level: no pooling
+    ({"type": "residual", "filters": [8, 8, 8, 8]}, (28, 28, 1)),
+    ({"type": "residual", "filters": [3, 5, 7], "kernel_size": 5, "batch_norm": True}, (11, 9, 3)),
+    ({"type": "residual", "filters": [4]}, (8, 8, 1)),
 ]
 
 
