@@ -2,10 +2,11 @@
 
 The training images are held once as a tensor. Epoch e (1-based) gathers them in the permutation
 `default_rng([seed, e])` batch by batch and corrupts batch b with stateless noise seeded by
-(seed, e·1,000,003 + b). The pipeline covers the epochs a call of `fit()` still has to run, one after the other, so
+(seed, e·1,000,003 + b); with a level range (blind training) that seed also draws each image's level
+(dae.noise.image_levels_tf), so levels are per image, fresh every batch and epoch, and reproducible. The pipeline covers the epochs a call of `fit()` still has to run, one after the other, so
 `fit(steps_per_epoch=...)` reads exactly one epoch per Keras epoch, and a run resumed at epoch e sees the very
-batches an uninterrupted run would. Validation images are corrupted once with fixed noise, so val_loss is
-comparable across epochs.
+batches an uninterrupted run would. Validation images are corrupted once with fixed noise (and fixed per-image levels over a range), so
+val_loss is comparable across epochs.
 """
 
 from __future__ import annotations

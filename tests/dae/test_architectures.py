@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import keras
@@ -234,3 +235,29 @@ def test_spec_limits_and_properties_of_the_new_architectures():
     with pytest.raises(InvalidSpec, match=r"Expected at most 4 levels for this dataset. Received: filters=\[4, 4, 4, 4, 4\]"):
         build_autoencoder(_spec({"type": "unet", "filters": [4] * 5}), (8, 8, 1))
     build_autoencoder(_spec({"type": "unet", "filters": [4] * 4}), (8, 8, 1))  # 3 poolings: 8 -> 1
+
+
+def test_a_blind_unet_is_published_as_a_fully_convolutional_model_with_the_range_on_its_card(store_dir: Path):
+    from core.store import ModelStore, model_id_for_job  # noqa: PLC0415 - only this test publishes
+    from dae.publish import publish_training_result  # noqa: PLC0415
+    from dae.training import TrainingResult  # noqa: PLC0415
+
+    digits = load_dataset("digits")
+    spec = TrainingSpec.model_validate({
+        "dataset": "digits", "architecture": {"type": "unet", "filters": [4, 8], "batch_norm": True},
+        "noise": {"level": [0.1, 0.4]}, "epochs": 1,
+    })
+    keras.utils.set_random_seed(0)
+    model = build_training_model(spec, digits.image_shape)
+    _randomize_batch_norm(model, 0)
+    result = TrainingResult(model=model, history=[], stop_reason="completed", epochs_completed=1,
+                            resumed_from_epoch=None, training_seconds=1.0, data=digits)
+    card = publish_training_result(result, spec, ModelStore(store_dir), model_id=model_id_for_job("j_0123456789abcd16"))
+    assert card.input_shape == [None, None, 1] and card.parameters == model.count_params()
+    assert card.onnx_max_abs_diff is not None and card.onnx_max_abs_diff <= 1e-5
+    assert (card.trained_noise.min_level, card.trained_noise.max_level, card.trained_noise.blind) == (0.1, 0.4, True)
+    model_rows = [row.noise for row in card.evaluation if row.method == "model"]
+    assert model_rows == ["gaussian:0.1", "gaussian:0.2", "gaussian:0.25", "gaussian:0.3", "gaussian:0.4",
+                          "gaussian:0.5"]
+    stored = json.loads((store_dir / "models" / card.id / "card.json").read_text())
+    assert stored["trained_noise"]["blind"] is True and stored["spec"]["noise"]["level"] == [0.1, 0.4]
