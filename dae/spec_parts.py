@@ -73,8 +73,9 @@ class ArchitectureSpec(StrictModel):
     batch_norm: bool = Field(
         False,
         description=(
-            "unet and residual: batch normalisation after every convolution except the first and the one that "
-            "predicts the noise (those convolutions then have no bias: the normalisation's offset replaces it)."
+            "unet and residual: batch normalisation between every same-resolution convolution and its activation, "
+            "except the network's first (not after the U-Net's upsampling convolutions nor the one that predicts "
+            "the noise); normalised convolutions have no bias: the normalisation's offset replaces it."
         ),
     )
     activation: Literal["relu", "elu", "gelu", "selu", "tanh", "swish", "leaky_relu"] = "relu"
