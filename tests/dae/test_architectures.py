@@ -261,3 +261,15 @@ def test_a_blind_unet_is_published_as_a_fully_convolutional_model_with_the_range
                           "gaussian:0.5"]
     stored = json.loads((store_dir / "models" / card.id / "card.json").read_text())
     assert stored["trained_noise"]["blind"] is True and stored["spec"]["noise"]["level"] == [0.1, 0.4]
+
+
+@pytest.mark.parametrize(
+    "architecture", [{"type": "unet", "filters": [1024] * 6, "kernel_size": 11}, {"type": "residual", "filters": [1024] * 20}]
+)
+def test_oversized_new_architectures_are_refused_at_submission(architecture):
+    from dae.cost import DEFAULT_MAX_MODEL_PARAMS, DEFAULT_MAX_TRAINING_MEMORY_MIB, check_job_cost  # noqa: PLC0415
+
+    limits = {"max_params": DEFAULT_MAX_MODEL_PARAMS, "max_training_memory_mib": DEFAULT_MAX_TRAINING_MEMORY_MIB}
+    with pytest.raises(InvalidSpec, match=r"Expected at most 50,000,000 parameters .* Lower architecture.filters"):
+        check_job_cost(_spec(architecture), (32, 32, 1), **limits)
+    check_job_cost(_spec({"type": architecture["type"]}, noise={"level": [0.05, 0.5]}), (28, 28, 1), **limits)
