@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from typing_extensions import override
 
-import dae.training.callbacks as training_callbacks
 from dae.data import DatasetSplits, load_dataset
 from dae.errors import InvalidSpec, TrainingFailed
 from dae.models import build_autoencoder
@@ -189,15 +188,15 @@ def test_cancelled_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_
     assert again.stop_reason == "completed" and again.resumed_from_epoch == 3 and len(again.history) == 3
 
 
-def test_cancellation_stops_within_the_epoch(digits, monkeypatch):
-    monkeypatch.setattr(training_callbacks, "CANCEL_POLL_INTERVAL_S", 0.0)  # poll after every batch
+def test_cancellation_stops_within_the_epoch(digits):
     polls = {"count": 0}
 
     def cancel_on_third_poll() -> bool:
         polls["count"] += 1
         return polls["count"] >= 3
 
-    result = fit_autoencoder(_spec(), digits, hooks=TrainingHooks(should_cancel=cancel_on_third_poll))
+    hooks = TrainingHooks(should_cancel=cancel_on_third_poll, cancel_poll_s=0.0)  # poll after every batch
+    result = fit_autoencoder(_spec(), digits, hooks=hooks)
     assert result.stop_reason == "cancelled"
     assert result.epochs_completed == 0 and result.history == []
     # Polled at the epoch start, then after batches 1 and 2: two steps of the first epoch ran.
