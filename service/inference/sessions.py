@@ -16,6 +16,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -59,6 +60,8 @@ class LoadedModel:
     downsampling_factor: int  # conv inputs are padded to a multiple of this
     memory_bytes: int  # estimate used by the cache budget
     load_seconds: float
+    #: The answer's `model` object (ModelSummary), built once per load: which model answered and its training noise.
+    summary: dict[str, Any]
 
     def padded_size(self, height: int, width: int) -> tuple[int, int]:
         """The (H, W) the session runs on for an input of (height, width)."""
@@ -82,7 +85,7 @@ def load_model(card: ModelCard, onnx_path: Path, *, intra_op_threads: int) -> Lo
         str(onnx_path), session_options(intra_op_threads), providers=["CPUExecutionProvider"]
     )
     height, width, channels = (int(side) for side in card.trained_shape)
-    is_conv = card.spec.architecture.type == "conv"
+    is_conv = card.spec.architecture.is_fully_convolutional  # conv, unet and residual take any size
     factor = card.spec.architecture.downsampling_factor if is_conv else 1
     input_name = session.get_inputs()[0].name
     output_name = session.get_outputs()[0].name
@@ -101,6 +104,8 @@ def load_model(card: ModelCard, onnx_path: Path, *, intra_op_threads: int) -> Lo
         downsampling_factor=factor,
         memory_bytes=int(onnx_path.stat().st_size * WEIGHTS_MEMORY_FACTOR) + SESSION_OVERHEAD_BYTES,
         load_seconds=seconds,
+        summary={"id": card.id, "name": card.name, "version": card.version,
+                 "trained_noise": card.trained_noise.model_dump(mode="json")},
     )
 
 

@@ -170,9 +170,8 @@ async def reconstruct(
         for position, entry in zip(positions, entries, strict=True):
             results[position] = entry
     mean_error = math.fsum(entry["error_stats"]["mean"] for entry in results) / len(results)
-    card = model.card
     body = {
-        "model": {"id": card.id, "name": card.name, "version": card.version},
+        "model": model.summary,
         "results": results,
         "mean_error": mean_error,
     }

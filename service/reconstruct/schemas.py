@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from dae.spec import NoiseSpec
+from dae.spec import NoiseSpec, TrainedNoise
 
 # The first scikit-learn digit (a "0", 8x8 gray) as base64 PNG: works with a dense model trained on `digits`
 # (the POST /jobs example), so the Swagger examples can be pressed in order.
@@ -171,11 +171,12 @@ class ReconstructedImage(BaseModel):
 
 
 class ModelSummary(BaseModel):
-    """Which model answered."""
+    """Which model answered, and the noise it was trained for (a blind model: any level in its range)."""
 
     id: str
     name: str
     version: int
+    trained_noise: TrainedNoise
 
 
 class ReconstructResponse(BaseModel):

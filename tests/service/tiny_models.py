@@ -97,7 +97,7 @@ def publish_tiny_model(store: ModelStore, model: TinyModel, name: str) -> ModelC
     shutil.copyfile(model.onnx_path, staging / "model.onnx")
     tiny_png(16, staging / "history.png")
     tiny_png(16, staging / "samples.png")
-    is_conv = model.spec.architecture.type == "conv"
+    is_conv = model.spec.architecture.is_fully_convolutional
     height, width, channels = model.trained_shape
     card = ModelCard(
         id=new_model_id(),
