@@ -84,7 +84,7 @@ class ReconstructLane:
         """The endpoint behind an ExceptionMiddleware with the app's handlers (500s are the outer stack's)."""
         handlers = {key: value for key, value in gateway.exception_handlers.items() if key not in (500, Exception)}
         self.route = next(route for route in router.routes
-                          if isinstance(route, APIRoute) and route.path == LANE_PATH and "POST" in route.methods)
+                          if isinstance(route, APIRoute) and route.path == LANE_PATH and "POST" in (route.methods or ()))
         return ExceptionMiddleware(request_response(serve), handlers=handlers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

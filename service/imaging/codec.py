@@ -180,7 +180,8 @@ def _pil_to_float(image: Image.Image, *, field: str) -> np.ndarray:
         pixels = np.asarray(image)
         if mode == "I" and (pixels.min() < 0 or pixels.max() > 65535):
             raise InvalidImage(f"{field} has 32-bit pixels. Expected 8- or 16-bit images. Received: mode {mode}")
-        return np.divide(pixels, np.float32(65535), dtype=np.float32)[:, :, None]
+        scaled: np.ndarray = np.divide(pixels, np.float32(65535), dtype=np.float32)
+        return scaled[:, :, None]
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     elif mode in ("1", "LA", "La"):
@@ -199,7 +200,8 @@ def _uint8_to_float(pixels: np.ndarray) -> np.ndarray:
         pixels = pixels[:, :, :1]
     elif channels == 4:
         pixels = pixels[:, :, :3]
-    return np.divide(pixels, np.float32(255), dtype=np.float32)
+    scaled: np.ndarray = np.divide(pixels, np.float32(255), dtype=np.float32)
+    return scaled
 
 
 def open_base64_image(data: str, *, max_side: int, field: str = "image") -> PendingImage:
@@ -215,7 +217,7 @@ def decode_base64_image(data: str, *, max_side: int, field: str = "image") -> np
 def open_pixels(pixels: Any, *, max_side: int, field: str = "pixels") -> PendingImage:
     """Nested lists with their shape read from the first element at each depth, nothing converted: a
     rectangular list has exactly this shape, and any other fails when decoded (np.asarray refuses ragged lists)."""
-    shape = []
+    shape: list[int] = []
     node = pixels
     while isinstance(node, list) and node and len(shape) < 3:
         shape.append(len(node))
@@ -340,7 +342,8 @@ def to_channels(images: np.ndarray, channels: int, *, field: str = "image") -> n
     if have == channels:
         return images
     if have == 3 and channels == 1:
-        return np.matmul(images, LUMA_WEIGHTS)[..., None]
+        luma: np.ndarray = np.matmul(images, LUMA_WEIGHTS)
+        return luma[..., None]
     if have == 1 and channels == 3:
         return np.broadcast_to(images, (*images.shape[:-1], 3))
     raise InvalidImage(
@@ -359,7 +362,8 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     """Float images in [0, 1] rounded to 8 bits (half up), any shape."""
     scaled = np.multiply(images, np.float32(255), dtype=np.float32)
     scaled += 0.5
-    return scaled.astype(np.uint8)
+    rounded: np.ndarray = scaled.astype(np.uint8)
+    return rounded
 
 
 def png_of_uint8(pixels: np.ndarray) -> bytes:
@@ -368,8 +372,7 @@ def png_of_uint8(pixels: np.ndarray) -> bytes:
         pixels = pixels[:, :, 0]
     elif pixels.ndim != 2 and (pixels.ndim != 3 or pixels.shape[2] != 3):
         raise ValueError(f"Expected an image with 1 or 3 channels. Received: shape={list(pixels.shape)}")
-    encoded: bytes = imagecodecs.png_encode(np.ascontiguousarray(pixels), level=PNG_COMPRESS_LEVEL, filter=PNG_FILTER)
-    return encoded
+    return bytes(imagecodecs.png_encode(np.ascontiguousarray(pixels), level=PNG_COMPRESS_LEVEL, filter=PNG_FILTER))
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -390,4 +393,4 @@ def encode_png_base64(image: np.ndarray) -> str:
 def float32_base64(array: np.ndarray) -> str:
     """base64 of the array's little-endian float32 bytes, row-major (the compact response format)."""
     contiguous = np.ascontiguousarray(array, dtype="<f4")
-    return pybase64.b64encode_as_string(memoryview(contiguous).cast("B"))
+    return pybase64.b64encode_as_string(contiguous.data.cast("B"))

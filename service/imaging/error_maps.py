@@ -20,9 +20,8 @@ ERROR_PERCENTILE = 99.0
 def l1_error_maps(reference: np.ndarray, outputs: np.ndarray) -> np.ndarray:
     """|reference − outputs| averaged over channels: (N, H, W) from (N, H, W, C)."""
     difference = np.abs(reference - outputs)
-    if difference.shape[-1] == 1:
-        return difference[..., 0]  # the mean of one channel is the channel (skips a reduction)
-    return difference.mean(axis=-1)
+    maps: np.ndarray = difference[..., 0] if difference.shape[-1] == 1 else difference.mean(axis=-1)
+    return maps  # the mean of one channel is the channel (skips a reduction)
 
 
 @functools.lru_cache(maxsize=64)

@@ -23,7 +23,8 @@ def _build_lut(points: np.ndarray) -> np.ndarray:
     positions = np.linspace(0.0, 1.0, len(points))
     levels = np.linspace(0.0, 1.0, 256)
     channels = [np.interp(levels, positions, points[:, channel]) for channel in range(3)]
-    return np.rint(np.stack(channels, axis=1)).astype(np.uint8)
+    lut: np.ndarray = np.rint(np.stack(channels, axis=1)).astype(np.uint8)
+    return lut
 
 
 HEATMAP_LUT = _build_lut(_INFERNO_POINTS)
@@ -37,7 +38,8 @@ def heatmap_indices(error_maps: np.ndarray, maxima: np.ndarray) -> np.ndarray:
     indices = np.multiply(error_maps, scale[:, None, None], dtype=np.float32)
     np.minimum(indices, 255, out=indices)  # error maps are >= 0: only the top needs clipping
     indices += 0.5
-    return indices.astype(np.uint8)
+    rounded: np.ndarray = indices.astype(np.uint8)
+    return rounded
 
 
 def heatmap_colors(indices: np.ndarray) -> np.ndarray:

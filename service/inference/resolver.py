@@ -13,7 +13,6 @@ import os
 import time
 
 from core.store import CARD_FILE, ModelStore
-from dae.errors import ModelNotFound
 from dae.spec import DEFAULT_OWNER
 
 #: How long the store's answer for one reference is kept (a newly published version serves within this time).

@@ -99,7 +99,7 @@ async def _read_multipart(request: Request) -> ParsedCall:
             noise = AddNoise.model_validate(noise_fields)
         except ValidationError as error:
             raise RequestValidationError(_located(error, "body", field_prefix="noise_")) from None
-    clean = [files["clean"]] if "clean" in files else None
+    clean: list[ImageSources | bytes] | None = [files["clean"]] if "clean" in files else None
     return ParsedCall(model=model_ref[:200], inputs=[files["file"]], clean=clean, add_noise=noise,
                       body_bytes=sum(len(content) for content in files.values()))
 
@@ -143,9 +143,11 @@ def open_sources(sources: list[ImageSources | bytes], settings: Settings, what: 
             pending.append(open_base64_image(source.image, max_side=max_side, field=field))
         elif source.pixels is not None:
             pending.append(open_pixels(source.pixels, max_side=max_side, field=field))
-        else:
+        elif source.array is not None:
             array = source.array
             pending.append(open_raw_array(array.data, array.shape, array.dtype, max_side=max_side, field=field))
+        else:  # ImageInput and ReconstructRequest refuse this already; a ParsedCall built in code might not
+            raise InvalidImage(f"{field} has no pixels. Expected one of image, pixels, array. Received: none")
     return pending
 
 

@@ -29,6 +29,9 @@ from service.reconstruct.parsing import INLINE_WORK_LIMIT, OpenedCall, in_thread
 from service.reconstruct.schemas import AddNoise, AnswerOptions, ParsedCall
 from service.responses import OrjsonResponse
 
+#: The positions in the request of a size group's images (a range for a one-group request).
+Positions = Sequence[int] | np.ndarray
+
 
 def decode_sources(pending: list[PendingImage]) -> list[np.ndarray]:
     """Decode opened sources into chunks of (n, H, W, C) float32 in [0, 1], in order (a 4-D array stays one chunk)."""
@@ -58,7 +61,7 @@ def prepare_inputs(
     return prepared, noise is not None
 
 
-def group_by_size(chunks: list[np.ndarray]) -> list[tuple[np.ndarray, Sequence[int]]]:
+def group_by_size(chunks: list[np.ndarray]) -> list[tuple[np.ndarray, Positions]]:
     """[(images (n, H, W, C), their positions in the request)] per distinct (H, W), in first-seen order."""
     if len(chunks) == 1:  # one image or one array: the whole request is one group
         return [(chunks[0], range(len(chunks[0])))]
@@ -67,7 +70,7 @@ def group_by_size(chunks: list[np.ndarray]) -> list[tuple[np.ndarray, Sequence[i
     for chunk in chunks:
         members.setdefault((chunk.shape[1], chunk.shape[2]), []).append((chunk, position))
         position += len(chunk)
-    groups = []
+    groups: list[tuple[np.ndarray, Positions]] = []
     for parts in members.values():
         images = parts[0][0] if len(parts) == 1 else np.concatenate([chunk for chunk, _ in parts])
         positions = np.concatenate([np.arange(start, start + len(chunk)) for chunk, start in parts])
@@ -75,7 +78,7 @@ def group_by_size(chunks: list[np.ndarray]) -> list[tuple[np.ndarray, Sequence[i
     return groups
 
 
-def _clean_groups(clean_chunks: list[np.ndarray], groups: list[tuple[np.ndarray, Sequence[int]]]) -> list[np.ndarray]:
+def _clean_groups(clean_chunks: list[np.ndarray], groups: list[tuple[np.ndarray, Positions]]) -> list[np.ndarray]:
     """The clean references stacked like the input groups; InvalidImage for a count or size mismatch."""
     cleans = [image for chunk in clean_chunks for image in chunk]
     total = sum(len(positions) for _, positions in groups)
@@ -99,7 +102,7 @@ def _clean_groups(clean_chunks: list[np.ndarray], groups: list[tuple[np.ndarray,
 class PreparedCall:
     """The decoded inputs grouped by size, their clean references stacked alike, and whether noise was added."""
 
-    groups: list[tuple[np.ndarray, Sequence[int]]]
+    groups: list[tuple[np.ndarray, Positions]]
     cleans: list[np.ndarray | None]
     noisy: bool
 

@@ -114,9 +114,11 @@ class ReconstructRequest(ImageSources):
     def to_call(self, body_bytes: int) -> ParsedCall:
         """The call with its inputs and references as lists, in order."""
         # One image: the request itself holds its source (image | pixels | array), as an ImageInput would.
-        inputs = self.images if self.images is not None else [self]
-        clean = None if self.clean is None else (self.clean if isinstance(self.clean, list) else [self.clean])
-        return ParsedCall(model=self.model, inputs=list(inputs), clean=clean, add_noise=self.add_noise,
+        inputs: list[ImageSources | bytes] = list(self.images) if self.images is not None else [self]
+        clean: list[ImageSources | bytes] | None = None
+        if self.clean is not None:
+            clean = list(self.clean) if isinstance(self.clean, list) else [self.clean]
+        return ParsedCall(model=self.model, inputs=inputs, clean=clean, add_noise=self.add_noise,
                           body_bytes=body_bytes)
 
 
