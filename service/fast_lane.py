@@ -20,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import request_response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.deps import principal_of
@@ -72,6 +71,13 @@ async def serve(request: Request) -> Response:
                              wants_png=await wants_png(request))
 
 
+async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+    """serve() as an ASGI app; the ExceptionMiddleware around it answers its errors (so no request_response layer,
+    which would wrap the same handlers a second time)."""
+    response = await serve(Request(scope, receive, send))
+    await response(scope, receive, send)
+
+
 class ReconstructLane:
     """Innermost middleware: POST /reconstruct served directly (see the module docstring); all else passes on."""
 
@@ -85,7 +91,7 @@ class ReconstructLane:
         handlers = {key: value for key, value in gateway.exception_handlers.items() if key not in (500, Exception)}
         self.route = next(route for route in router.routes
                           if isinstance(route, APIRoute) and route.path == LANE_PATH and "POST" in (route.methods or ()))
-        return ExceptionMiddleware(request_response(serve), handlers=handlers)
+        return ExceptionMiddleware(endpoint, handlers=handlers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gateway = scope.get("app")
