@@ -54,7 +54,8 @@ PRINCIPAL_STATE_KEY = "principal"
 
 def principal_of(request: Request) -> Principal:
     """The caller the auth middleware identified; everyone is OPEN_ACCESS when no keys are configured."""
-    principal: Principal = getattr(request.state, PRINCIPAL_STATE_KEY, OPEN_ACCESS)
+    # Read from the scope, not request.state: without keys getattr's default costs an AttributeError per request.
+    principal: Principal = request.scope.get("state", {}).get(PRINCIPAL_STATE_KEY, OPEN_ACCESS)
     return principal
 
 
