@@ -5,7 +5,8 @@ and not counted; no HTTP parsing or sockets, so the figures are the gateway's ow
 
     .venv/bin/python -m bench.loop_cpu [--requests 2000] [--concurrency 32] [--profile same-work] [--store DIR]
 
-Sequential requests pay a whole micro-batch each (its 1 ms timer and the hand-off to the worker thread cost
+The loop is asyncio's default one (uvicorn serves with uvloop), so compare trees with this script, not its
+figures with a server's. Sequential requests pay a whole micro-batch each (its 1 ms timer and the hand-off to the worker thread cost
 ~100 µs of loop CPU apiece on a 2-core virtual machine, in the kernel): at concurrency 32 those are shared.
 
 Trains `bench-dense` (the default dense architecture, 28x28x1, 1 epoch on 500 Fashion-MNIST images) into
