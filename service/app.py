@@ -231,6 +231,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         middleware=middleware(settings, metrics),
         generate_unique_id_function=operation_id,
         swagger_ui_parameters={"persistAuthorization": True, "displayRequestDuration": True},
+        telemetry=None if settings.opentelemetry else {"tracing": False, "metrics": False, "logs": False},
         docs_url=None, redoc_url=None,  # install_docs serves them with local assets (no CDN)
     )
     app.state.settings = settings

@@ -39,6 +39,10 @@ class Settings(SharedSettings):
     metrics_require_key: bool = Field(
         False, description="Serve /metrics only to admin keys (default: open, as Prometheus usually scrapes it)."
     )
+    opentelemetry: bool = Field(
+        False, description="FastAPI's native OpenTelemetry (traces, metrics, logs through the global providers); off, "
+        "requests skip its provider checks (~10 µs each, bench/README.md).",
+    )
     docs_require_key: bool = Field(
         False, description="Serve /docs, /redoc and /openapi.json only with a valid key (default: open)."
     )
