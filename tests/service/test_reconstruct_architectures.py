@@ -14,7 +14,7 @@ from tests.service.tiny_models import TinyModel, publish_tiny_model
 
 ARCHITECTURES = {
     "unet": {"type": "unet", "filters": [4, 8, 8]},  # two poolings: inputs padded to multiples of 4
-    "residual": {"type": "residual", "filters": [4, 4, 4], "batch_norm": True},
+    "residual": {"type": "residual", "filters": [4, 4, 4]},
 }
 
 
