@@ -13,9 +13,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 #: The largest noise level a spec accepts (a stddev; fractions stop at 1).
 MAX_NOISE_LEVEL = 2.0
+#: The default noise level: a blind range covering light to heavy noise (bench/README.md, issue 16).
+DEFAULT_NOISE_LEVEL = (0.05, 0.5)
 #: Levels of a conv or unet architecture, hidden convolutions of a residual one.
 MAX_LEVELS = 6
 MAX_RESIDUAL_LAYERS = 20
+#: The default architecture (the default job's, measured in bench/README.md) and the filters each type defaults to.
+DEFAULT_ARCHITECTURE_TYPE: Literal["dense", "conv", "unet", "residual"] = "unet"
+DEFAULT_UNET_FILTERS = (16, 32, 64)
+DEFAULT_FILTERS = (32, 64)
 
 
 class StrictModel(BaseModel):
@@ -36,10 +42,10 @@ class ArchitectureSpec(StrictModel):
     """
 
     type: Literal["dense", "conv", "unet", "residual"] = Field(
-        "conv",
+        DEFAULT_ARCHITECTURE_TYPE,
         description=(
             "`dense` (fixed input size); `conv` (encoder/decoder of stride-2 convolutions, any size); `unet` "
-            "(levels with skip connections, any size); `residual` (DnCNN-style stack of same-resolution "
+            "(levels with skip connections, any size; the default); `residual` (DnCNN-style stack of same-resolution "
             "convolutions, any size). unet and residual output input − predicted noise."
         ),
     )
@@ -50,10 +56,11 @@ class ArchitectureSpec(StrictModel):
     )
     latent_dim: int = Field(32, ge=1, le=8192, description="Dense only: width of the code layer.")
     filters: list[Annotated[int, Field(ge=1, le=1024)]] = Field(
-        default_factory=lambda: [32, 64],
+        default_factory=lambda: list(DEFAULT_FILTERS),
         min_length=1,
         max_length=MAX_RESIDUAL_LAYERS,
         description=(
+            f"Default: {list(DEFAULT_UNET_FILTERS)} for unet, {list(DEFAULT_FILTERS)} for conv and residual. "
             f"conv: filters per encoder level, each level halves H and W (stride 2), at most {MAX_LEVELS} levels. "
             f"unet: filters per level, the first at full resolution, each next one after a 2x2 max-pooling (so "
             f"len(filters) − 1 halvings, at most {MAX_LEVELS} levels). residual: filters of each hidden convolution, "
@@ -86,6 +93,14 @@ class ArchitectureSpec(StrictModel):
             "are clipped to [0, 1] either way."
         ),
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _filters_default_by_type(cls, data: Any) -> Any:
+        # The default U-Net is narrower than the conv default: its first level runs at full resolution.
+        if isinstance(data, dict) and "filters" not in data and data.get("type", DEFAULT_ARCHITECTURE_TYPE) == "unet":
+            return {**data, "filters": list(DEFAULT_UNET_FILTERS)}
+        return data
 
     @field_validator("kernel_size")
     @classmethod
@@ -158,7 +173,8 @@ class NoiseSpec(StrictModel):
         0.3,
         description=(
             "A number, or a range `[min, max]` (min <= max) from which every training image draws its own level "
-            "uniformly, fresh every batch (a blind denoiser for the whole range). Stddevs in [0, 2] for "
+            "uniformly, fresh every batch (a blind denoiser for the whole range). A job without `noise` trains blind "
+            f"on gaussian {list(DEFAULT_NOISE_LEVEL)}; a `noise` without `level` has 0.3. Stddevs in [0, 2] for "
             "gaussian/speckle, fractions in [0, 1] for salt_pepper/masking."
         ),
     )

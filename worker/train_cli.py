@@ -25,6 +25,22 @@ from dae.spec import EpochMetrics, TrainingSpec
 DEFAULT_STORE = Path("var/store")
 
 
+def _noise_level(text: str) -> float | list[float]:
+    """`0.3` -> 0.3; `0.05,0.5` -> [0.05, 0.5] (the spec checks the values)."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"Expected a number or MIN,MAX. Received: {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"Expected comma-separated integers. Received: {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's arguments."""
     parser = argparse.ArgumentParser(prog="python -m worker.train_cli", description=__doc__.split("\n\n")[0])
@@ -39,9 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--max-train-images", type=int)
     parser.add_argument("--max-runtime-s", type=float)
-    parser.add_argument("--architecture", choices=["dense", "conv"], help="architecture.type")
+    parser.add_argument("--architecture", choices=["dense", "conv", "unet", "residual"], help="architecture.type")
+    parser.add_argument("--filters", type=_int_list, help="architecture.filters, comma-separated (e.g. 16,32)")
     parser.add_argument("--noise-type", choices=["gaussian", "salt_pepper", "masking", "speckle"])
-    parser.add_argument("--noise-level", type=float)
+    parser.add_argument(
+        "--noise-level", type=_noise_level, help="noise.level: a number, or MIN,MAX for a blind range (e.g. 0.05,0.5)"
+    )
     parser.add_argument(
         "--loss", choices=["mae", "mse", "huber", "l1_l2", "lp", "binary_crossentropy"], help="loss.type"
     )
@@ -70,6 +89,7 @@ def spec_from_arguments(arguments: argparse.Namespace) -> TrainingSpec:
     document.update({key: value for key, value in top_level.items() if value is not None})
     nested = {
         ("architecture", "type"): arguments.architecture,
+        ("architecture", "filters"): arguments.filters,
         ("noise", "type"): arguments.noise_type,
         ("noise", "level"): arguments.noise_level,
         ("loss", "type"): arguments.loss,

@@ -28,13 +28,14 @@ def _gray(count: int, size: int = 16, channels: int = 1) -> np.ndarray:
 
 def test_a_level_is_a_number_or_a_range():
     assert NoiseSpec().level == 0.3 and not NoiseSpec().is_range
+    assert TrainingSpec().noise == NoiseSpec(level=[0.05, 0.5])  # the default job trains blind (issue 16)
     assert NoiseSpec(level=1).level == 1.0 and isinstance(NoiseSpec(level=1).level, float)
     blind = NoiseSpec(level=[0.05, 0.5])
     assert blind.is_range and blind.level_range == (0.05, 0.5)
     assert NoiseSpec(level=(0.2, 0.2)).level == [0.2, 0.2]  # min == max is a range too
     assert NoiseSpec(type="masking", level=[0, 1]).level_range == (0.0, 1.0)
     # A number serializes as before (the same spec JSON, so the same fingerprints); a range as a list.
-    assert TrainingSpec().model_dump()["noise"] == {"type": "gaussian", "level": 0.3, "clip": True}
+    assert TrainingSpec(noise={"level": 0.3}).model_dump()["noise"] == {"type": "gaussian", "level": 0.3, "clip": True}
     spec = TrainingSpec.model_validate({"noise": {"type": "speckle", "level": [0.1, 0.3]}})
     assert TrainingSpec.model_validate_json(spec.model_dump_json()) == spec
     assert blind.at_level(0.2) == NoiseSpec(level=0.2)

@@ -146,6 +146,10 @@ def test_cli_spec_overrides(tmp_path: Path) -> None:
     spec = train_cli.spec_from_arguments(arguments)
     assert (spec.dataset, spec.epochs, spec.name) == ("natural_patches", 2, "cli")
     assert (spec.noise.type, spec.noise.level, spec.architecture.type) == ("masking", 0.2, "dense")
+    blind = train_cli.spec_from_arguments(
+        train_cli.build_parser().parse_args(["--noise-level", "0.05,0.5", "--architecture", "unet", "--filters", "8,16"])
+    )
+    assert (blind.noise.level, blind.architecture.type, blind.architecture.filters) == ([0.05, 0.5], "unet", [8, 16])
     assert train_cli.main(["--epochs", "0", "--store", str(tmp_path / "store")]) == 2  # invalid spec, no training
 
 

@@ -135,13 +135,13 @@ def test_failure_reasons_are_actionable() -> None:
     missing = tasks.failure_reason(DatasetNotFound("No dataset ds_0123456789ab."), job_spec)
     assert "'digits'" in missing and "ds_0123456789ab" in missing
     soft = tasks.failure_reason(SoftTimeLimitExceeded(), job_spec)
-    assert "time limit of 4200 s" in soft and "max_runtime_s=3600" in soft
+    assert "time limit of 870 s" in soft and "max_runtime_s=270" in soft  # the default budget + 600 s
     assert "Invalid values" in tasks.failure_reason(ValueError("pixel 3 is inf"), job_spec)
     assert "RuntimeError" in tasks.failure_reason(RuntimeError("boom"), job_spec)
 
 
 def test_hard_time_limit_is_recorded(jobs: AttemptStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    record, _ = jobs.create(spec())
+    record, _ = jobs.create(spec().model_copy(update={"max_runtime_s": 3600}))  # hard limit 4320 s
     jobs.mark_running(record.id, worker="w:1")
     task = tasks.app.tasks["dae.train"]
     monkeypatch.setattr(task, "_jobs", (os.getpid(), jobs))
