@@ -131,6 +131,6 @@ def test_cross_entropy_needs_a_sigmoid_output():
     with pytest.raises(ValidationError, match=r"Received: output_activation='linear'"):
         TrainingSpec.model_validate({"loss": {"type": "binary_crossentropy"}})
     sigmoid = TrainingSpec.model_validate(
-        {"loss": {"type": "binary_crossentropy"}, "architecture": {"output_activation": "sigmoid"}}
+        {"loss": {"type": "binary_crossentropy"}, "architecture": {"type": "conv", "output_activation": "sigmoid"}}
     )
     assert sigmoid.loss.type == "binary_crossentropy"
