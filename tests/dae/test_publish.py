@@ -53,7 +53,8 @@ def hand_made_result(spec: TrainingSpec, digits) -> TrainingResult:
 
 def test_publish_writes_all_artifacts_and_a_complete_card(store_dir: Path, digits) -> None:
     store = ModelStore(store_dir)
-    spec = TrainingSpec(dataset="digits", architecture={"type": "conv", "filters": [4, 8]}, epochs=2, seed=3)
+    spec = TrainingSpec(dataset="digits", architecture={"type": "conv", "filters": [4, 8]}, noise={"level": 0.3}, epochs=2,
+                        seed=3)
     result = hand_made_result(spec, digits)
     card = publish_training_result(result, spec, store, model_id=model_id_for_job("j_0123456789abcdef"), job_id="j_0123456789abcdef")
 
