@@ -34,6 +34,7 @@ from service.docs import install_docs
 from service.errors import add_exception_handlers
 from service.fast_lane import ReconstructLane
 from service.inference.engine import InferenceEngine
+from service.inference.memory import use_one_malloc_arena
 from service.metrics import GatewayMetrics
 from service.middleware import AuthMiddleware, BodySizeLimitMiddleware, MetricsMiddleware
 from service.openapi import build_openapi
@@ -143,6 +144,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics: GatewayMetrics = app.state.metrics
     redis_client = make_redis_client(settings)
     store = ModelStore(settings.store_dir)
+    use_one_malloc_arena()  # so that the trim after a large answer reaches every thread's frees
     inference = InferenceEngine(
         store,
         cache_size=settings.inference_cache_size,

@@ -13,8 +13,6 @@ bounded: above `queue_max_values` a request raises Overloaded (503), and one lar
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ from dae.errors import InvalidImage, Overloaded, PayloadTooLarge
 from dae.spec import DEFAULT_OWNER
 from service.imaging.error_maps import ErrorMaps
 from service.inference.batcher import BatchStats, MicroBatcher
+from service.inference.memory import release_free_memory
 from service.inference.resolver import ModelResolver
 from service.inference.sessions import LoadedModel, SessionCache, load_model
 
@@ -37,19 +36,8 @@ LOOP_POSTPROCESS_MAX_VALUES = 128 * 1024
 DEFAULT_BATCH_MAX_VALUES = 256 * 1024
 DEFAULT_QUEUE_MAX_VALUES = 64 * 1024 * 1024
 
-#: glibc's malloc_trim (None on other C libraries): see release_free_memory.
-_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if os.name == "posix" else None
-
-
 #: A trim runs this long after a large answer, and at most once per this long (see release_free_memory_soon).
 TRIM_DELAY_S = 1.0
-
-
-def release_free_memory() -> None:
-    """Give the C allocator's free pages back to the system (glibc's malloc_trim; a no-op elsewhere): glibc keeps
-    most of what a large request freed (figures in bench/README.md)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 def _ready_to_run(images: np.ndarray) -> bool:
