@@ -55,7 +55,7 @@ def digits_pixels() -> PixelSplits:
     return train, test, fingerprint_pixels(source)
 
 
-def _bundled_gray_image(name: str) -> NDArray[np.float32]:
+def bundled_gray_image(name: str) -> NDArray[np.float32]:
     """A scikit-image bundled image as float32 grayscale in [0, 1]."""
     import skimage.color  # noqa: PLC0415
     import skimage.data  # noqa: PLC0415
@@ -88,10 +88,10 @@ def _cut_patches(image: NDArray[np.float32], count: int, name: str) -> NDArray[n
 def natural_patches_pixels() -> PixelSplits:
     """(train float32 (11·1024, 32, 32), test float32 (3·128, 32, 32), fingerprint); memoized, read-only."""
     train = np.concatenate(
-        [_cut_patches(_bundled_gray_image(name), TRAIN_PATCHES_PER_IMAGE, name) for name in NATURAL_TRAIN_IMAGES]
+        [_cut_patches(bundled_gray_image(name), TRAIN_PATCHES_PER_IMAGE, name) for name in NATURAL_TRAIN_IMAGES]
     )
     test = np.concatenate(
-        [_cut_patches(_bundled_gray_image(name), TEST_PATCHES_PER_IMAGE, name) for name in NATURAL_TEST_IMAGES]
+        [_cut_patches(bundled_gray_image(name), TEST_PATCHES_PER_IMAGE, name) for name in NATURAL_TEST_IMAGES]
     )
     train.flags.writeable = False
     test.flags.writeable = False
