@@ -18,6 +18,7 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from bench.quality import candidate_spec
 from dae.data import load_dataset
 from dae.evaluation.report import evaluate_denoiser, keras_predictor
 from dae.spec import TrainingSpec
@@ -32,16 +33,6 @@ def example_job() -> dict[str, Any]:
     return dict(examples[0])
 
 
-def candidate(overrides: dict[str, Any]) -> TrainingSpec:
-    """The example with `overrides` (a nested dict merges into its field unless it names another architecture)."""
-    document = example_job()
-    for key, value in overrides.items():
-        nested = isinstance(value, dict) and isinstance(document.get(key), dict)
-        replaces = key == "architecture" and "type" in value
-        document[key] = {**document[key], **value} if nested and not replaces else value
-    return TrainingSpec.model_validate(document)
-
-
 def main() -> int:
     """Train and score each candidate; one line each."""
     from dae.training import fit_autoencoder  # noqa: PLC0415 - imports TensorFlow
@@ -49,7 +40,7 @@ def main() -> int:
     arguments = sys.argv[1:] or ["example={}"]
     for argument in arguments:
         name, _, overrides = argument.partition("=")
-        spec = candidate(json.loads(overrides or "{}"))
+        spec = candidate_spec(json.loads(overrides or "{}"), base=example_job())
         data = load_dataset(spec.dataset, seed=spec.seed, max_train_images=spec.max_train_images)
         started = time.perf_counter()
         result = fit_autoencoder(spec, data)

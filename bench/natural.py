@@ -1,8 +1,8 @@
 """Whole natural photos: a blind model trained on `natural_patches` against NL-means and BM3D (issue 16).
 
-    .venv/bin/python -m bench.natural [--job '{"epochs": 30}'] [--threads 2] [--skip-bm3d]
+    .venv/bin/python -m bench.natural [--job '{"epochs": 30}'] [--threads 1] [--skip-bm3d]
 
-Trains NATURAL_JOB (the README's natural-photos job; --job overrides its fields) with the library's fit, exports it
+Trains NATURAL_JOB (the natural-photos job of bench/README.md; --job overrides its fields) with the library's fit, exports it
 to ONNX as a job does, then denoises the three held-out photos at full size (camera 512×512, gravel 512×512, coffee
 400×600 in gray; none of their pixels is in the training patches) at gaussian σ = 15, 25, 50 / 255, clipped to
 [0, 1]. Prints PSNR (dB) per photo and the average for the noisy input, NL-means (σ estimated, as the model cards do),
@@ -28,13 +28,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
+from bench.quality import candidate_spec
 from dae.data import load_dataset
 from dae.data.bundled import NATURAL_TEST_IMAGES, bundled_gray_image
 from dae.evaluation.baselines import denoise_bm3d_batch, denoise_nl_means_batch
 from dae.evaluation.metrics import image_quality
 from dae.export import export_onnx, onnx_session
 from dae.noise import add_noise
-from dae.spec import NoiseSpec, TrainingSpec
+from dae.spec import NoiseSpec
 
 SIGMAS_255 = (15, 25, 50)
 #: Acceptance 3 of issue 16 at σ = 25/255: the model's margin over NL-means (average over the photos) and its
@@ -72,13 +73,13 @@ def main() -> int:
     """Train, export, then score every method on every photo and σ; print the table and the verdict."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--job", type=json.loads, default={}, help="JSON fields overriding NATURAL_JOB")
-    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1, as NL-means "
-                        "and BM3D use one core)")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2: BM3D's "
+                        "libbm4d uses both cores; NL-means uses one)")
     parser.add_argument("--skip-bm3d", action="store_true", help="do not run BM3D even when it is importable")
     parser.add_argument("--seed", type=int, default=0, help="seed of the photos' noise")
     arguments = parser.parse_args()
 
-    spec = TrainingSpec.model_validate({**NATURAL_JOB, **arguments.job})
+    spec = candidate_spec(arguments.job, base=NATURAL_JOB)
     photos = {name: bundled_gray_image(name)[np.newaxis, ..., np.newaxis] for name in NATURAL_TEST_IMAGES}
     print(f"job: {spec.model_dump(mode='json', include={'architecture', 'noise', 'epochs', 'batch_size'})}",
           flush=True)

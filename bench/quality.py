@@ -48,9 +48,10 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 }
 
 
-def candidate_spec(overrides: dict[str, Any]) -> TrainingSpec:
-    """TrainingSpec() with `overrides` merged in (nested dicts merge one level deep)."""
-    document: dict[str, Any] = TrainingSpec().model_dump(mode="json")
+def candidate_spec(overrides: dict[str, Any], base: dict[str, Any] | None = None) -> TrainingSpec:
+    """`base` (default: TrainingSpec(), the default job) with `overrides` merged in (nested dicts merge one level
+    deep; another architecture type starts from that type's defaults)."""
+    document: dict[str, Any] = dict(base) if base is not None else TrainingSpec().model_dump(mode="json")
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(document.get(key), dict):
             if key == "architecture" and "type" in value and value["type"] != document[key]["type"]:
