@@ -281,8 +281,8 @@ class _ConverterWithWrongRank:
 
     def __init__(self, model: keras.Model, wrong: int, tmp_path: Path):
         inputs = keras.Input((None, None, 1))
-        expanded = keras.layers.Reshape((-1,))(model(inputs))  # any graph whose output shape differs will do
-        bad = keras.Model(inputs, expanded)
+        flattened = keras.layers.Reshape((-1,))(model(inputs))  # any graph whose output shape differs will do
+        bad = keras.Model(inputs, flattened)
         bad(np.zeros((1, 8, 8, 1), np.float32))
         self.bad_path = tmp_path / "wrong-rank.onnx"
         bad.export(str(self.bad_path), format="onnx", verbose=False)
