@@ -248,3 +248,18 @@ def build_loss(loss_spec: LossSpec) -> keras.losses.Loss:
         "Unknown loss type. Expected one of mae, mse, huber, l1_l2, lp, binary_crossentropy. "
         f"Received: loss.type={loss_spec.type!r}"
     )
+
+
+def level_weights(levels: Any, level_range: tuple[float, float], power: float) -> Any:
+    """Per-image loss weights (min/level)^power for images noised at `levels` (NumPy or TensorFlow), scaled so
+    that they average 1 over levels drawn uniformly from `level_range` = (min, max), 0 < min < max.
+
+    Formula (the scale is the mean of (min/σ)^k for σ uniform on [a, b]):
+        a^k · (b^(1−k) − a^(1−k)) / ((1 − k)(b − a)), or a · ln(b/a) / (b − a) for k = 1.
+    """
+    low, high = level_range
+    if power == 1:
+        mean_weight = low * math.log(high / low) / (high - low)
+    else:
+        mean_weight = low**power * (high ** (1 - power) - low ** (1 - power)) / ((1 - power) * (high - low))
+    return (low / levels) ** power / mean_weight

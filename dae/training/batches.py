@@ -6,7 +6,9 @@ The training images are held once as a tensor. Epoch e (1-based) gathers them in
 (dae.noise.image_levels_tf), so levels are per image, fresh every batch and epoch, and reproducible. The pipeline covers the epochs a call of `fit()` still has to run, one after the other, so
 `fit(steps_per_epoch=...)` reads exactly one epoch per Keras epoch, and a run resumed at epoch e sees the very
 batches an uninterrupted run would. Validation images are corrupted once with fixed noise (and fixed per-image levels over a range), so
-val_loss is comparable across epochs.
+val_loss is comparable across epochs. With `loss.level_weighting` k > 0 every batch (and the validation set) also
+carries each image's loss weight (dae.losses.level_weights of its level), the third element Keras' fit() reads
+as sample weights.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from dae.noise import add_noise, add_noise_tf
+from dae.losses import level_weights
+from dae.noise import add_noise, add_noise_tf, image_levels, image_levels_tf
 from dae.spec import NoiseSpec
 
 VALIDATION_NOISE_STREAM = 0x7A1
@@ -38,9 +41,17 @@ def split_train_validation(count: int, validation_split: float, seed: int) -> tu
     return np.sort(order[validation_count:]), np.sort(order[:validation_count])
 
 
-def validation_pairs(clean: np.ndarray, noise_spec: NoiseSpec, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(noisy, clean) validation images, the noise fixed by the seed."""
-    return add_noise(clean, noise_spec, seed=[seed, VALIDATION_NOISE_STREAM]), clean
+def validation_pairs(
+    clean: np.ndarray, noise_spec: NoiseSpec, seed: int, level_weighting: float = 0.0
+) -> tuple[np.ndarray, ...]:
+    """(noisy, clean) validation images, the noise fixed by the seed; with level_weighting > 0 also each image's
+    loss weight, (noisy, clean, weights)."""
+    noise_seed = [seed, VALIDATION_NOISE_STREAM]
+    noisy = add_noise(clean, noise_spec, seed=noise_seed)
+    if level_weighting == 0:
+        return noisy, clean
+    levels = image_levels(noise_spec, len(clean), seed=noise_seed)
+    return noisy, clean, level_weights(levels, noise_spec.level_range, level_weighting).astype(np.float32)
 
 
 def steps_per_epoch(count: int, batch_size: int) -> int:
@@ -54,9 +65,17 @@ def epoch_order(count: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def noisy_batches(
-    images: np.ndarray, batch_size: int, noise_spec: NoiseSpec, seed: int, *, first_epoch: int, last_epoch: int
+    images: np.ndarray,
+    batch_size: int,
+    noise_spec: NoiseSpec,
+    seed: int,
+    *,
+    first_epoch: int,
+    last_epoch: int,
+    level_weighting: float = 0.0,
 ) -> tf.data.Dataset:
-    """(noisy, clean) batches of epochs first_epoch..last_epoch (1-based, inclusive), in that order."""
+    """(noisy, clean) batches of epochs first_epoch..last_epoch (1-based, inclusive), in that order; with
+    level_weighting > 0, (noisy, clean, weights) batches."""
     if not 1 <= first_epoch <= last_epoch:
         raise ValueError(
             "noisy_batches needs a non-empty range of 1-based epochs. Expected 1 <= first_epoch <= last_epoch. "
@@ -75,10 +94,15 @@ def noisy_batches(
         order.set_shape([count])
         epoch_base = epoch * _EPOCH_SEED_STRIDE
 
-        def make_pair(batch_index: tf.Tensor, indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        def make_pair(batch_index: tf.Tensor, indices: tf.Tensor) -> tuple[tf.Tensor, ...]:
             clean = tf.gather(pixels, indices)
             noise_seed = tf.stack([seed_high, epoch_base + batch_index])
-            return add_noise_tf(clean, noise_spec, noise_seed), clean
+            noisy = add_noise_tf(clean, noise_spec, noise_seed)
+            if level_weighting == 0:
+                return noisy, clean
+            # The same stateless draw add_noise_tf made, so each weight belongs to its image's level.
+            levels = image_levels_tf(noise_spec, tf.shape(clean)[0], noise_seed)
+            return noisy, clean, level_weights(levels, noise_spec.level_range, level_weighting)
 
         return tf.data.Dataset.from_tensor_slices(order).batch(batch_size).enumerate().map(make_pair)
 

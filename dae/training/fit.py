@@ -201,7 +201,9 @@ def fit_autoencoder(
     train_indices, validation_indices = split_train_validation(len(images), spec.validation_split, spec.seed)
     train_images = images[train_indices]
     validation = (
-        validation_pairs(images[validation_indices], spec.noise, spec.seed) if len(validation_indices) else None
+        validation_pairs(images[validation_indices], spec.noise, spec.seed, spec.loss.level_weighting)
+        if len(validation_indices)
+        else None
     )
     steps = steps_per_epoch(len(train_images), spec.batch_size)
 
@@ -245,7 +247,8 @@ def fit_autoencoder(
     else:
         model.fit(
             noisy_batches(train_images, spec.batch_size, spec.noise, spec.seed,
-                          first_epoch=state.epoch + 1, last_epoch=final_epoch),
+                          first_epoch=state.epoch + 1, last_epoch=final_epoch,
+                          level_weighting=spec.loss.level_weighting),
             epochs=final_epoch,
             initial_epoch=state.epoch,
             steps_per_epoch=steps,
