@@ -51,7 +51,7 @@ SSE_STREAMS_LIMIT = 64
 DESCRIPTION = """\
 Trains and serves **denoising autoencoders**.
 
-1. `POST /jobs` with a training spec (the example trains a small dense DAE on the 8x8 `digits` dataset in seconds)
+1. `POST /jobs` with a training spec (the example trains a small blind U-Net denoiser on the 8x8 `digits` dataset in seconds)
    → 202 and a job id; follow it with `GET /jobs/{job_id}` or the event stream `GET /jobs/{job_id}/events`.
 2. The finished job names its model; `GET /models/{ref}` shows its card (evaluation against classical denoisers).
 3. `POST /reconstruct` denoises images (JSON or a file upload) and returns the error map |input − denoised|.

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dae.spec import NoiseSpec, TrainedNoise
 
-# The first scikit-learn digit (a "0", 8x8 gray) as base64 PNG: works with a dense model trained on `digits`
+# The first scikit-learn digit (a "0", 8x8 gray) as base64 PNG: works with any model trained on `digits`
 # (the POST /jobs example), so the Swagger examples can be pressed in order.
 EXAMPLE_PNG_8X8 = (
     "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAAAAADhZOFXAAAARklEQVR42gXBYRVAMBgAwHt7/vsiaGCaLIJGIqyCBp4EI4E1III7lLYFaG99i0G"
