@@ -44,12 +44,13 @@ NL_MEANS_MARGIN_DB = 1.0
 BM3D_SPEEDUP = 100.0
 PHOTO_PIXELS = 512 * 512
 
-#: The natural-photos job: blind over σ 15..51 / 255 on the bundled patches; a U-Net small enough to stay 100x
-#: faster than BM3D on a 512x512 photo (bench/README.md, 2026-12-03).
+#: The natural-photos job: blind over σ 15..51 / 255 on the bundled patches, each patch's loss weighted by (min/σ)²;
+#: a U-Net small enough to stay 100x faster than BM3D on a 512x512 photo (bench/README.md, 2026-12-03).
 NATURAL_JOB: dict[str, Any] = {
     "name": "natural",
     "dataset": "natural_patches",
     "architecture": {"type": "unet", "filters": [8, 16, 32, 64]},
+    "loss": {"type": "mse", "level_weighting": 2},
     "noise": {"type": "gaussian", "level": [0.058, 0.2]},
     "epochs": 15,
     "batch_size": 32,
